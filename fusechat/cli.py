@@ -1,0 +1,125 @@
+"""The `fusechat` command: a thin layer that loads the recipe and calls a stage function.
+
+Stage functions live in their own modules and are imported only when their command runs, so
+`fusechat --help` never pays for torch or vllm.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from fusechat.recipe import RecipeError, load_recipe
+
+app = typer.Typer(
+    help="Fuse several chat models into one small model (the FuseChat-3.0 recipe).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipe_app = typer.Typer(help="Check and inspect recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+# stage name -> "module:function"; each function takes a validated Recipe and returns a Manifest
+STAGES = {
+    "sample": "fusechat.sampling.stage:run_sample",
+    "score": "fusechat.scoring.stage:run_score",
+    "build": "fusechat.build:run_build",
+    "publish": "fusechat.publish:run_publish",
+    "sft": "fusechat.train.sft:run_sft",
+    "dpo": "fusechat.train.dpo:run_dpo",
+    "eval": "fusechat.eval.stage:run_eval",
+    "run": "fusechat.pipeline:run_all",
+}
+
+RecipeArg = Annotated[str, typer.Argument(help="recipe YAML file")]
+RunDirOpt = Annotated[Optional[str], typer.Option("--run-dir", help="override the recipe's run_dir")]
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(msg, err=True)
+    raise typer.Exit(code)
+
+
+def _load(recipe: str, run_dir: str | None):
+    try:
+        return load_recipe(recipe, run_dir=run_dir)
+    except RecipeError as e:
+        _fail(str(e))
+
+
+def stage_function(stage: str):
+    """The stage's function, or None when the stage is not built in this version."""
+    module, func = STAGES[stage].split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            return None
+        raise
+    return getattr(mod, func, None)
+
+
+def _run_stage(stage: str, recipe: str, run_dir: str | None, **kwargs) -> None:
+    r = _load(recipe, run_dir)
+    fn = stage_function(stage)
+    if fn is None:
+        _fail(f"fusechat {stage}: this stage is not built yet in fusechat; nothing was run")
+    try:
+        fn(r, **kwargs)
+    except RecipeError as e:
+        _fail(str(e))
+
+
+def _stage_command(stage: str, doc: str):
+    def command(recipe: RecipeArg, run_dir: RunDirOpt = None) -> None:
+        _run_stage(stage, recipe, run_dir)
+
+    command.__doc__ = doc
+    app.command(stage)(command)
+
+
+for _stage, _doc in {
+    "sample": "Sample responses from every source model (prompts -> responses).",
+    "score": "Score responses: reward model, math answers, code tests (responses -> scores).",
+    "build": "Build the SFT and DPO data sets by the selection rules (scores -> datasets).",
+    "publish": "Write the data sets in hub layout with cards; upload when a token is set.",
+    "sft": "Supervised fine-tuning of the target on the SFT set.",
+    "dpo": "DPO of the SFT model on the DPO set.",
+    "eval": "Evaluate sources and targets on the held-out sets.",
+    "run": "Run every stage in order (the whole recipe).",
+}.items():
+    _stage_command(_stage, _doc)
+
+
+@recipe_app.command("validate")
+def recipe_validate(recipe: RecipeArg, run_dir: RunDirOpt = None) -> None:
+    """Validate a recipe: schema, values and local paths."""
+    r = _load(recipe, run_dir)
+    typer.echo(f"{recipe}: ok (recipe {r.name!r}, hash {r.content_hash()[:12]})")
+
+
+@recipe_app.command("show")
+def recipe_show(
+    recipe: RecipeArg,
+    run_dir: RunDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the resolved recipe as JSON")] = False,
+) -> None:
+    """Print the fully resolved recipe (defaults filled in) with its content hash."""
+    r = _load(recipe, run_dir)
+    data = {"recipe_hash": r.content_hash(), "recipe": r.model_dump(mode="json")}
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        import yaml
+
+        typer.echo(f"# recipe hash {data['recipe_hash']}")
+        typer.echo(yaml.safe_dump(data["recipe"], sort_keys=False).rstrip())
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    sys.exit(app())

