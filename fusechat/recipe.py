@@ -256,7 +256,8 @@ class Recipe(_Strict):
         return str(p if p.is_absolute() else (Path(self.base_dir) / p).resolve())
 
     def run_path(self) -> Path:
-        return Path(self.resolve(self.run_dir) if not Path(self.run_dir).is_absolute() else self.run_dir)
+        p = Path(self.run_dir).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON of the resolved recipe (the provenance key of artifacts)."""
@@ -276,16 +277,7 @@ def load_recipe(path: str | Path, run_dir: str | None = None, check_paths: bool 
     import yaml  # local: keeps `fusechat --help` free of anything it does not need
 
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{path}:{where} YAML syntax error: {getattr(e, 'problem', e)}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+    data = _read_yaml(path, yaml, chain=())
     if "base_dir" in data:
         raise RecipeError(f"{path}: base_dir: not a recipe field (it is set from the file location)")
     if run_dir is not None:
@@ -306,6 +298,43 @@ def load_recipe(path: str | Path, run_dir: str | None = None, check_paths: bool 
             lines += [f"  {field}: {ref} (resolved to {resolved})" for field, ref, resolved in missing]
             raise RecipeError("\n".join(lines))
     return recipe
+
+
+def _read_yaml(path: Path, yaml, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """Read one recipe file, following `extends: other.yaml` (mappings merge, lists replace).
+
+    The published targets share everything up to the data sets; `extends` keeps that part in one
+    file instead of five copies that drift apart.
+    """
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    if path.resolve() in chain:
+        raise RecipeError(f"{path}: extends: cycle through {' -> '.join(map(str, chain))}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where} YAML syntax error: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends: must be a file path, got {type(parent).__name__}")
+    base = _read_yaml(path.parent / parent, yaml, chain + (path.resolve(),))
+    return _merge(base, data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _missing_local_paths(recipe: Recipe):

@@ -1,0 +1,205 @@
+"""Recipe schema: the published numbers, and one clear error per kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusechat.recipe import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+# RECIPE_FACTS "Training": target -> (sft lr, dpo lr, beta, loss)
+PUBLISHED = {
+    "llama-3.1-8b": ("meta-llama/Llama-3.1-8B-Instruct", 5e-6, 8e-7, 10, "sigmoid_norm"),
+    "llama-3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", 5e-6, 1e-6, 10, "sigmoid_norm"),
+    "llama-3.2-1b": ("meta-llama/Llama-3.2-1B-Instruct", 5e-6, 1e-6, 10, "sigmoid_norm"),
+    "qwen-2.5-7b": ("Qwen/Qwen2.5-7B-Instruct", 2e-6, 3e-7, 0.01, "sigmoid"),
+    "gemma-2-9b": ("google/gemma-2-9b-it", 2e-6, 5e-7, 0.01, "sigmoid"),
+}
+
+
+@pytest.mark.parametrize("target", sorted(PUBLISHED))
+def test_published_recipes_carry_the_published_numbers(target):
+    model, sft_lr, dpo_lr, beta, loss = PUBLISHED[target]
+    r = load_recipe(RECIPES / f"{target}.yaml")
+    assert r.target.model == model
+    assert (r.sft.learning_rate, r.sft.epochs, r.sft.global_batch_size, r.sft.max_length) == (sft_lr, 3, 128, 2048)
+    assert (r.sft.lr_scheduler, r.sft.warmup_ratio) == ("cosine", 0.1)
+    assert (r.dpo.learning_rate, r.dpo.beta, r.dpo.loss_type) == (dpo_lr, beta, loss)
+    assert (r.dpo.epochs, r.dpo.global_batch_size, r.dpo.max_length, r.dpo.save_steps) == (1, 128, 2048, 100)
+    assert (r.dpo.lr_scheduler, r.dpo.warmup_ratio, r.dpo.keep_best_of_last) == ("cosine", 0.1, 2)
+    # shared data part
+    assert (r.build.band.low, r.build.band.high) == (0.01, 0.1)
+    assert r.build.sft_fraction["instruction"] == 0.4
+    assert r.scoring.reward_model.model == "RLHFlow/ArmoRM-Llama3-8B-v0.1"
+    src = {s.name: s for s in r.sources}
+    assert {"gemma-2-27b-it", "mistral-large-2407", "qwen-2.5-72b", "llama-3.1-70b"} <= set(src)
+    for name in ("gemma-2-27b-it", "mistral-large-2407", "llama-3.1-70b"):
+        assert (src[name].sampling.temperature, src[name].sampling.top_p) == (0.8, 0.95)
+        assert src[name].responses == {"instruction": 5, "code": 8}
+    q = src["qwen-2.5-72b"].sampling
+    assert (q.temperature, q.top_p, q.repetition_penalty) == (0.7, 0.8, 1.05)
+    assert [s.name for s in r.sources if s.responses.get("chinese")] == ["qwen-2.5-72b"]
+    assert src["qwen-2.5-72b"].responses["chinese"] == 1
+    limits = {d.name: d.limit for d in r.datasets}
+    assert sum(limits.values()) == 158_667
+    assert limits["ultrafeedback"] == 51_098 and limits["openmathinstruct2"] == 51_803
+
+
+def test_hash_is_stable_and_sensitive(tmp_path):
+    a = load_recipe(RECIPES / "llama-3.1-8b.yaml")
+    b = load_recipe(RECIPES / "llama-3.1-8b.yaml")
+    c = load_recipe(RECIPES / "llama-3.2-1b.yaml")
+    assert a.content_hash() == b.content_hash() != c.content_hash()
+    # --run-dir overrides the recipe's run directory and therefore its hash
+    d = load_recipe(RECIPES / "llama-3.1-8b.yaml", run_dir=str(tmp_path / "elsewhere"))
+    assert d.run_path() == tmp_path / "elsewhere" and d.content_hash() != a.content_hash()
+
+
+def _minimal(tmp_path: Path) -> dict:
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "hi"}\n')
+    return {
+        "name": "t",
+        "run_dir": "runs/t",
+        "sources": [{"name": "a", "model": "./model", "family": "llama3", "responses": {"instruction": 2}}],
+        "datasets": [{"name": "d", "path": "./prompts.jsonl", "adapter": "ultrafeedback", "domain": "instruction"}],
+        "scoring": {"reward_model": {"model": "./model"}},
+        "target": {"model": "./model", "family": "llama3"},
+        "sft": {"learning_rate": 1e-5},
+        "dpo": {"learning_rate": 1e-6, "beta": 0.1},
+    }
+
+
+def _write(tmp_path: Path, data: dict, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_minimal_recipe_resolves_paths_against_its_folder(tmp_path):
+    r = load_recipe(_write(tmp_path, _minimal(tmp_path)))
+    assert r.resolve(r.sources[0].model) == str(tmp_path / "model")
+    assert r.run_path() == tmp_path / "runs" / "t"
+    assert r.sources[0].sampling.max_tokens == 4096  # documented default
+
+
+@pytest.mark.parametrize(
+    "mutate, expect",
+    [
+        (lambda d: d["sources"][0]["sampling"].update(temprature=0.7), "sources[0].sampling.temprature: Extra inputs are not permitted"),
+        (lambda d: d["sources"][0]["sampling"].update(top_p="high"), "sources[0].sampling.top_p: Input should be a valid number"),
+        (lambda d: d.update(build={"band": {"low": 0.2, "high": 0.1}}), "build.band: band low (0.2) must not exceed band high (0.1)"),
+        (lambda d: d["sources"][0].update(family="gpt"), "sources[0].family: Input should be 'llama3', 'qwen2', 'gemma2' or 'mistral'"),
+        (lambda d: d["sources"][0].update(responses={"instruction": -1}), "sources[0].responses: responses for instruction must be >= 0"),
+        (lambda d: d.pop("target"), "target: Field required"),
+        (lambda d: d["sft"].update(global_batch_size=10, per_device_batch_size=3), "sft: global_batch_size (10) must be a multiple of per_device_batch_size (3)"),
+        (lambda d: d["sources"].append(dict(d["sources"][0])), "sources[1].name 'a' is used twice"),
+    ],
+    ids=["unknown-key", "wrong-type", "band-inverted", "bad-enum", "negative-count", "missing-field", "batch-multiple", "duplicate-name"],
+)
+def test_bad_values_name_file_and_field(tmp_path, mutate, expect):
+    data = _minimal(tmp_path)
+    data["sources"][0]["sampling"] = {}
+    mutate(data)
+    path = _write(tmp_path, data)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(path) in str(e.value)
+    assert expect in str(e.value)
+
+
+def test_missing_local_model_path_is_named(tmp_path):
+    data = _minimal(tmp_path)
+    data["sources"][0]["model"] = "./models/does-not-exist"
+    path = _write(tmp_path, data)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert str(path) in msg and "sources[0].model: ./models/does-not-exist" in msg
+    assert str(tmp_path / "models" / "does-not-exist") in msg
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: t\nsources:\n  - name: a\n    model: [unclosed\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(path) in str(e.value) and "YAML syntax error" in str(e.value) and "line" in str(e.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_extends_merges_mappings_and_detects_cycles(tmp_path):
+    base = _minimal(tmp_path)
+    _write(tmp_path, base, "base.yaml")
+    child = {"extends": "base.yaml", "name": "child", "dpo": {"beta": 10}}
+    r = load_recipe(_write(tmp_path, child, "child.yaml"))
+    assert r.name == "child" and r.dpo.beta == 10 and r.dpo.learning_rate == 1e-6
+    _write(tmp_path, {"extends": "b.yaml"}, "a.yaml")
+    _write(tmp_path, {"extends": "a.yaml"}, "b.yaml")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fusechat", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_recipe_show_json_and_validate_errors(tmp_path):
+    out = _cli("recipe", "show", str(RECIPES / "qwen-2.5-7b.yaml"), "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["recipe_hash"] == load_recipe(RECIPES / "qwen-2.5-7b.yaml").content_hash()
+    assert data["recipe"]["dpo"]["beta"] == 0.01
+    assert data["recipe"]["sources"][0]["sampling"]["max_tokens"] == 4096  # defaults resolved
+
+    data = _minimal(tmp_path)
+    data["build"] = {"band": {"low": 0.5, "high": 0.1}}
+    bad = _write(tmp_path, data)
+    out = _cli("recipe", "validate", str(bad))
+    assert out.returncode != 0 and "build.band" in out.stderr and str(bad) in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_help_is_instant_and_imports_nothing_heavy():
+    code = textwrap.dedent(
+        """
+        import sys
+        from fusechat.cli import app
+        from fusechat.recipe import load_recipe
+        load_recipe("recipes/llama-3.1-8b.yaml")
+        heavy = [m for m in ("torch", "vllm", "transformers", "trl", "datasets", "prefect", "pyarrow") if m in sys.modules]
+        assert not heavy, heavy
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+    out = _cli("--help")
+    assert out.returncode == 0
+    for command in ("recipe", "sample", "score", "build", "publish", "sft", "dpo", "eval", "run"):
+        assert command in out.stdout
+
+
+def test_unbuilt_stage_exits_nonzero_with_one_line(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from fusechat import cli
+
+    monkeypatch.setitem(cli.STAGES, "eval", "fusechat.not_a_module_yet:run_eval")
+    r = CliRunner().invoke(cli.app, ["eval", str(_write(tmp_path, _minimal(tmp_path)))])
+    assert r.exit_code != 0
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert lines == ["fusechat eval: this stage is not built yet in fusechat; nothing was run"]
