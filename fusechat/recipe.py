@@ -61,6 +61,9 @@ class Source(_Strict):
     responses: dict[Domain, int] = Field(
         default_factory=dict, description="responses per prompt for each domain; absent = 0"
     )
+    shard_size: int = Field(
+        256, ge=1, description="prompts per resumable sampling shard (the unit a rerun skips)"
+    )
 
     @field_validator("responses")
     @classmethod
