@@ -150,6 +150,11 @@ class Build(_Strict):
     drop_truncated: bool = True
     test_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     seed: int = 42
+    hub_repo_prefix: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$",
+        description="publish to <prefix>-sft and <prefix>-dpo (e.g. my-org/fusechat-3.0); unset = dry run",
+    )
+    hub_private: bool = True
 
     @field_validator("sft_fraction")
     @classmethod
@@ -185,6 +190,10 @@ class Training(_Strict):
     lora: Lora | None = None
     report_to: list[str] = Field(default_factory=list)
     seed: int = 42
+    # The published recipe does not say what happens to rows longer than max_length (open): drop
+    # them (default; a cut response teaches the model to stop mid-answer) or let TRL truncate them.
+    overlong: Literal["drop", "truncate"] = "drop"
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept on disk (DPO keeps at least keep_best_of_last)")
 
     @model_validator(mode="after")
     def _batch(self) -> Training:
@@ -207,6 +216,8 @@ class DPO(Training):
     loss_type: Literal["sigmoid", "sigmoid_norm", "ipo"] = "sigmoid"
     precompute_ref_log_probs: bool = False
     keep_best_of_last: int = Field(2, ge=1)
+    # Which held-out metric decides "the better" checkpoint is open; eval loss is the least noisy.
+    select_by: Literal["loss", "rewards/accuracies", "rewards/margins"] = "loss"
 
 
 class Target(_Strict):

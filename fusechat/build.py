@@ -1,0 +1,605 @@
+"""Build the SFT and DPO data sets from scored responses (RECIPE_FACTS "Building SFT and DPO data").
+
+Rules, per domain:
+- instruction: SFT row = the best-scored response over all sources; DPO pair = ONE source's best
+  vs its worst response (two distinct responses), kept when band.low <= margin <= band.high.
+- math: chosen = the best-scored correct response, rejected = the worst-scored incorrect one, same
+  source, same band. "Incorrect" includes `unparseable` (no final answer is a wrong answer);
+  `timeout` and `error` say nothing about the answer, so such responses are never picked.
+- code: chosen = the best-scored passing response, rejected = the worst-scored failing one (`fail`
+  or `timeout`: code that runs forever fails its tests); `error` (the checker broke) is never picked.
+- chinese: SFT only.
+
+How prompts reach a set (the recipe is silent on several points; each choice is an option):
+- a domain listed in `build.sft_fraction` is split by a seeded hash of the prompt id (stable when
+  prompts are added or removed): a share `sft_fraction` goes to SFT, the rest to DPO; a DPO prompt
+  without an in-band pair is dropped (`no_pair_in_band`). With `build.band_before_split`, prompts
+  that have an in-band pair are given to DPO first, up to the DPO share of their data set.
+- a domain not listed ("pair if possible, else SFT", the default for math and code: the published
+  per-data-set counts of both differ from any fixed fraction) goes to DPO when it has an in-band
+  pair and to SFT with its best eligible response otherwise.
+- several sources with an in-band pair: `build.pair_policy` picks one (default best_chosen: the
+  pair whose chosen response scores highest); remaining ties go to the earlier source in the recipe.
+- ties between responses: the earlier source in the recipe, then the lower sample index, then the
+  smaller response id.
+- null rewards (unscorable responses) and, with `build.drop_truncated`, truncated responses take
+  no part in selection; they are counted per source in the manifest.
+
+Every prompt ends up in `decisions.parquet` with the set it went to or the reason it was dropped;
+the manifest balances prompts in = SFT rows + DPO rows + dropped by reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fusechat.recipe import RecipeError
+from fusechat.run import Manifest, read_table, stage_dir, write_table
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    from fusechat.recipe import Build, Recipe
+
+CHECK_STATUSES = ("none", "correct", "incorrect", "unparseable", "timeout", "pass", "fail", "error")
+GOOD = {"math": ("correct",), "code": ("pass",)}
+BAD = {"math": ("incorrect", "unparseable"), "code": ("fail", "timeout")}
+NO_GOOD_REASON = {"math": "no_correct_response", "code": "no_passing_response"}
+SFT_ONLY = ("chinese",)
+# Margins are differences of float32 rewards (resolution ~1e-7): without a tolerance, 0.61 - 0.51
+# falls just outside a band whose edge is 0.1.
+BAND_EPS = 1e-6
+
+PROMPT_COLUMNS = ("prompt_id", "dataset", "domain", "messages")
+RESPONSE_COLUMNS = ("response_id", "prompt_id", "source", "model_revision", "sample_index", "text")
+SCORE_COLUMNS = ("response_id", "prompt_id", "source", "reward", "check_status", "truncated")
+
+
+@dataclass
+class Selection:
+    """What the rules picked. Row numbers index the prompts and responses tables."""
+
+    decisions: pd.DataFrame  # one row per prompt: prompt, assigned, reason, split, picked rows
+    sft: pd.DataFrame  # prompt, response, source, score, split
+    dpo: pd.DataFrame  # prompt, chosen, rejected, source, chosen_score, rejected_score, margin, split
+    excluded: pd.DataFrame  # per source: responses, null_reward, truncated
+
+
+def unit_hash(ids, seed: int, purpose: str) -> np.ndarray:
+    """A uniform [0, 1) number per id, fixed by (seed, purpose): the same prompt always lands in
+    the same split, whatever else is in the run. pandas' SipHash is vectorised and keyed."""
+    import numpy as np
+    import pandas as pd
+
+    key = hashlib.sha256(f"{seed}:{purpose}".encode()).hexdigest()[:16]
+    h = pd.util.hash_array(np.asarray(ids, dtype=object), hash_key=key, categorize=False)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _first_of_groups(keys: np.ndarray) -> np.ndarray:
+    """Positions where a sorted key array starts a new group."""
+    import numpy as np
+
+    if len(keys) == 0:
+        return np.zeros(0, dtype=bool)
+    return np.concatenate(([True], keys[1:] != keys[:-1]))
+
+
+def select(prompts: pd.DataFrame, resp: pd.DataFrame, build: Build, source_order: list[str]) -> Selection:
+    """Apply the selection rules.
+
+    prompts: prompt_id, dataset, domain (row i = prompt i). resp: one row per scored response with
+    p (prompt row), response_id, source, sample_index, reward (NaN = null), check_status, truncated.
+    """
+    import numpy as np
+    import pandas as pd
+
+    n_prompts = len(prompts)
+    domains = prompts["domain"].to_numpy(dtype=object)
+    p = resp["p"].to_numpy(dtype=np.int64)
+    reward = resp["reward"].to_numpy(dtype=np.float64)
+    status = resp["check_status"].to_numpy(dtype=object)
+    truncated = resp["truncated"].to_numpy(dtype=bool)
+    sources = resp["source"].to_numpy(dtype=object)
+    order = {s: i for i, s in enumerate(source_order)}
+    extra = sorted(set(pd.unique(sources)) - set(order))  # e.g. a data set's own solutions
+    order.update({s: len(source_order) + i for i, s in enumerate(extra)})
+    srank = pd.Series(sources).map(order).to_numpy(dtype=np.int64)
+    sample = resp["sample_index"].to_numpy(dtype=np.int64)
+    rid_rank = resp["response_id"].rank(method="first").to_numpy(dtype=np.int64)
+    rdom = domains[p]
+
+    null = np.isnan(reward)
+    trunc = truncated & ~null
+    eligible = ~null & ~(trunc if build.drop_truncated else np.zeros_like(trunc))
+    excluded = (
+        pd.DataFrame({"source": sources, "null_reward": null, "truncated": trunc & build.drop_truncated})
+        .groupby("source").agg(responses=("null_reward", "size"), null_reward=("null_reward", "sum"),
+                               truncated=("truncated", "sum"))
+    )
+
+    good = eligible.copy()
+    bad = np.zeros_like(eligible)
+    for dom, statuses in GOOD.items():
+        in_dom = rdom == dom
+        good[in_dom] &= np.isin(status[in_dom], statuses)
+        bad[in_dom] = eligible[in_dom] & np.isin(status[in_dom], BAD[dom])
+    pairable = ~np.isin(rdom, SFT_ONLY)
+
+    # SFT winner per prompt: highest reward, then recipe source order, sample index, response id.
+    idx = np.flatnonzero(good)
+    idx = idx[np.lexsort((rid_rank[idx], sample[idx], srank[idx], -reward[idx], p[idx]))]
+    idx = idx[_first_of_groups(p[idx])]
+    sft_pick = np.full(n_prompts, -1, dtype=np.int64)
+    sft_pick[p[idx]] = idx
+
+    # One candidate pair per (prompt, source): best chosen-pool vs worst rejected-pool response.
+    group = p * len(order) + srank
+    idx = np.flatnonzero(good & pairable)
+    idx = idx[np.lexsort((rid_rank[idx], sample[idx], -reward[idx], group[idx]))]
+    chosen = idx[_first_of_groups(group[idx])]
+    reject_pool = bad | (eligible & (rdom == "instruction"))
+    reject_pool[chosen] = False  # a pair is two distinct responses
+    idx = np.flatnonzero(reject_pool & pairable)
+    idx = idx[np.lexsort((rid_rank[idx], sample[idx], reward[idx], group[idx]))]
+    rejected = idx[_first_of_groups(group[idx])]
+    # both are sorted by group: match them with a merge on the group key
+    pos = np.searchsorted(group[rejected], group[chosen])
+    pos_ok = pos < len(rejected)
+    matched = np.zeros(len(chosen), dtype=bool)
+    matched[pos_ok] = group[rejected[pos[pos_ok]]] == group[chosen[pos_ok]]
+    c, r = chosen[matched], rejected[pos[matched]]
+    margin = reward[c] - reward[r]
+    in_band = (margin >= build.band.low - BAND_EPS) & (margin <= build.band.high + BAND_EPS)
+    c, r, margin = c[in_band], r[in_band], margin[in_band]
+    policy_key = {
+        "largest_margin": -margin,
+        "smallest_margin": margin,
+        "best_chosen": -reward[c],
+        "source_order": np.zeros(len(c)),
+    }[build.pair_policy]
+    k = np.lexsort((srank[c], policy_key, p[c]))
+    k = k[_first_of_groups(p[c][k])]
+    pair_c = np.full(n_prompts, -1, dtype=np.int64)
+    pair_r = np.full(n_prompts, -1, dtype=np.int64)
+    pair_c[p[c][k]] = c[k]
+    pair_r[p[c][k]] = r[k]
+
+    # Assignment per prompt.
+    has_resp = np.bincount(p, minlength=n_prompts) > 0
+    has_elig = np.bincount(p[eligible], minlength=n_prompts) > 0
+    has_sft = sft_pick >= 0
+    has_pair = pair_c >= 0
+    u_split = unit_hash(prompts["prompt_id"], build.seed, "split")
+    u_test = unit_hash(prompts["prompt_id"], build.seed, "test")
+    frac = prompts["domain"].map(build.sft_fraction).to_numpy(dtype=np.float64)  # NaN: not split
+    is_split = ~np.isnan(frac) & ~np.isin(domains, SFT_ONLY)
+    sft_only = np.isin(domains, SFT_ONLY)
+    to_dpo = np.zeros(n_prompts, dtype=bool)
+    if build.band_before_split:
+        # the DPO share of each data set, filled first from the prompts that have a pair
+        usable = has_elig & is_split
+        ds = prompts["dataset"].to_numpy(dtype=object)
+        frame = pd.DataFrame({"ds": ds, "usable": usable, "pair": has_pair & usable, "u": -u_split})
+        quota = frame.groupby("ds")["usable"].transform("sum") * (1 - np.nan_to_num(frac))
+        rank = frame[frame["pair"]].groupby("ds")["u"].rank(method="first")
+        to_dpo[rank.index.to_numpy()] = rank.to_numpy() <= np.round(quota[rank.index].to_numpy())
+    else:
+        to_dpo = is_split & (u_split >= np.nan_to_num(frac))
+    pair_first = ~is_split & ~sft_only
+
+    assigned = np.full(n_prompts, "dropped", dtype=object)
+    reason = np.full(n_prompts, "", dtype=object)
+    dpo_ok = has_pair & (to_dpo | pair_first)
+    sft_ok = has_sft & ~dpo_ok & ~(is_split & to_dpo)
+    assigned[dpo_ok], assigned[sft_ok] = "dpo", "sft"
+    reason[is_split & to_dpo] = "split_dpo"
+    reason[is_split & ~to_dpo] = "split_sft"
+    reason[pair_first & has_pair] = "pair_in_band"
+    reason[pair_first & ~has_pair] = "sft_fallback_no_pair"
+    reason[sft_only] = "sft_only"
+    dropped = assigned == "dropped"
+    reason[dropped & is_split & to_dpo] = "no_pair_in_band"
+    for dom, why in NO_GOOD_REASON.items():
+        reason[dropped & (domains == dom) & ~has_sft] = why
+    reason[dropped & ~has_elig] = "no_eligible_response"
+    reason[dropped & ~has_resp] = "no_responses"
+
+    split = np.where(u_test < build.test_fraction, "test", "train").astype(object)
+    split[dropped] = None
+    picked_c = np.where(assigned == "dpo", pair_c, np.where(assigned == "sft", sft_pick, -1))
+    picked_r = np.where(assigned == "dpo", pair_r, -1)
+    decisions = pd.DataFrame({
+        "prompt_id": prompts["prompt_id"].to_numpy(), "dataset": prompts["dataset"].to_numpy(),
+        "domain": domains, "assigned": assigned, "reason": reason, "split": split,
+        "source_model": np.where(picked_c >= 0, sources[np.maximum(picked_c, 0)], None),
+        "chosen_row": picked_c, "rejected_row": picked_r,
+    })
+    s = np.flatnonzero(assigned == "sft")
+    sft = pd.DataFrame({"prompt": s, "response": sft_pick[s], "source": sources[sft_pick[s]],
+                        "score": reward[sft_pick[s]], "split": split[s]})
+    d = np.flatnonzero(assigned == "dpo")
+    dc, dr = pair_c[d], pair_r[d]
+    dpo = pd.DataFrame({"prompt": d, "chosen": dc, "rejected": dr, "source": sources[dc],
+                        "chosen_score": reward[dc], "rejected_score": reward[dr],
+                        "margin": reward[dc] - reward[dr], "split": split[d]})
+    return Selection(decisions=decisions, sft=sft, dpo=dpo, excluded=excluded)
+
+
+class InputError(ValueError):
+    """A table the build cannot use; the message names the file, the row and the field."""
+
+
+def _fail(path: Path, row: int, field: str, msg: str) -> None:
+    raise InputError(f"{path}: row {row}: field {field}: {msg}")
+
+
+def _require(table: pa.Table, path: Path, columns: tuple[str, ...]) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (see docs/architecture.md)")
+
+
+def _first_true(mask) -> int:
+    import numpy as np
+
+    return int(np.flatnonzero(np.asarray(mask))[0])
+
+
+def _check_unique(values: pd.Series, path: Path, field: str) -> None:
+    dup = values.duplicated()
+    if dup.any():
+        row = _first_true(dup)
+        _fail(path, row, field, f"{values.iloc[row]!r} appears twice")
+
+
+def load_inputs(run: Path) -> tuple[pa.Table, pa.Table, pd.DataFrame, pd.DataFrame]:
+    """Read and cross-check prompts, responses and scores.
+
+    Returns the prompts and responses tables and two frames for `select`: prompts (prompt_id,
+    dataset, domain) and one row per score with p (prompt row) and r (response row) added.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from fusechat.recipe import DOMAINS
+
+    paths = {name: run / name / f"{name}.parquet" for name in ("prompts", "responses", "scores")}
+    tables = {name: read_table(path) for name, path in paths.items()}
+    for name, cols in (("prompts", PROMPT_COLUMNS), ("responses", RESPONSE_COLUMNS), ("scores", SCORE_COLUMNS)):
+        _require(tables[name], paths[name], cols)
+    prompts_t, responses_t, scores_t = tables["prompts"], tables["responses"], tables["scores"]
+
+    pp = paths["prompts"]
+    prompts = prompts_t.select(["prompt_id", "dataset", "domain"]).to_pandas()
+    _check_unique(prompts["prompt_id"], pp, "prompt_id")
+    bad_dom = ~prompts["domain"].isin(DOMAINS)
+    if bad_dom.any():
+        row = _first_true(bad_dom)
+        _fail(pp, row, "domain", f"{prompts['domain'].iloc[row]!r} is not one of {', '.join(DOMAINS)}")
+    null_msgs = prompts_t.column("messages").is_null().to_numpy(zero_copy_only=False)
+    if null_msgs.any():
+        _fail(pp, _first_true(null_msgs), "messages", "is null")
+
+    rp = paths["responses"]
+    responses = responses_t.select(["response_id", "prompt_id", "source", "sample_index"]).to_pandas()
+    _check_unique(responses["response_id"], rp, "response_id")
+
+    sp = paths["scores"]
+    scores = scores_t.select(list(SCORE_COLUMNS) + (["domain"] if "domain" in scores_t.column_names else [])).to_pandas()
+    _check_unique(scores["response_id"], sp, "response_id")
+    r = pd.Index(responses["response_id"]).get_indexer(scores["response_id"])
+    if (r < 0).any():
+        row = _first_true(r < 0)
+        _fail(sp, row, "response_id", f"{scores['response_id'].iloc[row]!r} is not in {rp}")
+    for field in ("prompt_id", "source"):
+        differs = scores[field].to_numpy() != responses[field].to_numpy()[r]
+        if differs.any():
+            row = _first_true(differs)
+            _fail(sp, row, field, f"{scores[field].iloc[row]!r} but {rp} row {r[row]} (same response_id) "
+                  f"says {responses[field].iloc[r[row]]!r}: prompts and responses are misaligned")
+    p = pd.Index(prompts["prompt_id"]).get_indexer(scores["prompt_id"])
+    if (p < 0).any():
+        row = _first_true(p < 0)
+        _fail(sp, row, "prompt_id", f"{scores['prompt_id'].iloc[row]!r} is not in {pp}")
+    if "domain" in scores:
+        differs = scores["domain"].to_numpy() != prompts["domain"].to_numpy()[p]
+        if differs.any():
+            row = _first_true(differs)
+            _fail(sp, row, "domain", f"{scores['domain'].iloc[row]!r} but the prompt's domain is "
+                  f"{prompts['domain'].iloc[p[row]]!r}")
+    reward = scores["reward"].to_numpy(dtype=np.float64, na_value=np.nan)
+    if np.isinf(reward).any():
+        _fail(sp, _first_true(np.isinf(reward)), "reward", "is infinite")
+    bad_status = ~scores["check_status"].isin(CHECK_STATUSES)
+    if bad_status.any():
+        row = _first_true(bad_status)
+        _fail(sp, row, "check_status", f"{scores['check_status'].iloc[row]!r} is not one of "
+              f"{', '.join(CHECK_STATUSES)}")
+    if scores["truncated"].isna().any():
+        _fail(sp, _first_true(scores["truncated"].isna()), "truncated", "is null")
+    sample = responses["sample_index"].to_numpy()[r]
+    resp = pd.DataFrame({
+        "p": p, "r": r, "response_id": scores["response_id"].to_numpy(), "source": scores["source"].to_numpy(),
+        "sample_index": sample, "reward": reward, "check_status": scores["check_status"].to_numpy(),
+        "truncated": scores["truncated"].to_numpy(dtype=bool),
+    })
+    return prompts_t, responses_t, prompts, resp
+
+
+def _texts(responses_t: pa.Table, rows, path: Path) -> pa.Array:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    texts = responses_t.column("text").take(pa.array(rows, pa.int64())).combine_chunks()
+    nulls = pc.is_null(texts).to_numpy(zero_copy_only=False)
+    if nulls.any():
+        _fail(path, int(rows[_first_true(nulls)]), "text", "is null but the response was selected")
+    return texts.cast(pa.string())
+
+
+def _turns(roles: pa.Array, contents: pa.Array, offsets) -> pa.Array:
+    import pyarrow as pa
+
+    values = pa.StructArray.from_arrays([roles.cast(pa.string()), contents.cast(pa.string())], names=["role", "content"])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+
+
+def _assistant(texts: pa.Array) -> pa.Array:
+    import numpy as np
+    import pyarrow as pa
+
+    n = len(texts)
+    return _turns(pa.array(["assistant"] * n), texts, np.arange(n + 1))
+
+
+def _prompt_messages(prompts_t: pa.Table, rows) -> pa.Array:
+    """The prompt turns of the given prompt rows, reduced to {role, content}."""
+    import numpy as np
+    import pyarrow as pa
+
+    lists = prompts_t.column("messages").take(pa.array(rows, pa.int64())).combine_chunks()
+    flat = lists.flatten()
+    offsets = np.concatenate(([0], np.cumsum(lists.value_lengths().to_numpy(zero_copy_only=False))))
+    return _turns(flat.field("role"), flat.field("content"), offsets)
+
+
+def _conversation(prompt_lists: pa.Array, texts: pa.Array) -> pa.Array:
+    """Each prompt's turns followed by one assistant turn, built column-wise with a take index."""
+    import numpy as np
+    import pyarrow as pa
+
+    n = len(texts)
+    flat = prompt_lists.flatten()
+    lengths = prompt_lists.value_lengths().to_numpy(zero_copy_only=False) + 1
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    reply_at = offsets[1:] - 1
+    take = np.empty(offsets[-1], dtype=np.int64)
+    is_prompt = np.ones(offsets[-1], dtype=bool)
+    is_prompt[reply_at] = False
+    take[is_prompt] = np.arange(len(flat))
+    take[reply_at] = len(flat) + np.arange(n)
+    roles = pa.concat_arrays([flat.field("role"), pa.array(["assistant"] * n, pa.string())])
+    contents = pa.concat_arrays([flat.field("content"), texts])
+    idx = pa.array(take)
+    return _turns(roles.take(idx), contents.take(idx), offsets)
+
+
+def output_tables(sel: Selection, prompts_t: pa.Table, responses_t: pa.Table, resp: pd.DataFrame,
+                  responses_path: Path) -> dict[str, pa.Table]:
+    """TRL conversational tables: {"sft/train": ..., "sft/test": ..., "dpo/train": ..., "dpo/test": ...}."""
+    import pyarrow as pa
+
+    r = resp["r"].to_numpy()
+    meta = prompts_t.select(["prompt_id", "dataset", "domain"])
+    out: dict[str, pa.Table] = {}
+    for split in ("train", "test"):
+        s = sel.sft[sel.sft["split"] == split]
+        prompt_rows = s["prompt"].to_numpy()
+        m = meta.take(pa.array(prompt_rows, pa.int64()))
+        msgs = _conversation(_prompt_messages(prompts_t, prompt_rows),
+                             _texts(responses_t, r[s["response"].to_numpy()], responses_path))
+        out[f"sft/{split}"] = pa.table({
+            "messages": msgs, "prompt_id": m["prompt_id"], "dataset": m["dataset"], "domain": m["domain"],
+            "source_model": pa.array(s["source"].to_numpy(), pa.string()),
+            "score": pa.array(s["score"].to_numpy(), pa.float64()),
+        })
+        d = sel.dpo[sel.dpo["split"] == split]
+        prompt_rows = d["prompt"].to_numpy()
+        m = meta.take(pa.array(prompt_rows, pa.int64()))
+        out[f"dpo/{split}"] = pa.table({
+            "prompt": _prompt_messages(prompts_t, prompt_rows),
+            "chosen": _assistant(_texts(responses_t, r[d["chosen"].to_numpy()], responses_path)),
+            "rejected": _assistant(_texts(responses_t, r[d["rejected"].to_numpy()], responses_path)),
+            "prompt_id": m["prompt_id"], "dataset": m["dataset"], "domain": m["domain"],
+            "source_model": pa.array(d["source"].to_numpy(), pa.string()),
+            "chosen_score": pa.array(d["chosen_score"].to_numpy(), pa.float64()),
+            "rejected_score": pa.array(d["rejected_score"].to_numpy(), pa.float64()),
+            "margin": pa.array(d["margin"].to_numpy(), pa.float64()),
+        })
+    return out
+
+
+def _md(frame: pd.DataFrame) -> str:
+    """A pipe table; pandas' to_markdown needs the extra `tabulate` package for the same thing."""
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def summary_tables(sel: Selection, prompts: pd.DataFrame, resp: pd.DataFrame, build: Build) -> dict[str, pd.DataFrame]:
+    """The report's tables: counts, drops, exclusions, score distributions, margins, SFT winners."""
+    import numpy as np
+    import pandas as pd
+
+    dec = sel.decisions
+    key = np.where(dec["assigned"] == "dropped", "dropped", dec["assigned"] + " " + dec["split"].fillna(""))
+    counts = pd.crosstab([dec["dataset"], dec["domain"]], key)
+    for col in ("sft train", "sft test", "dpo train", "dpo test", "dropped"):
+        if col not in counts:
+            counts[col] = 0
+    counts = counts[["sft train", "sft test", "dpo train", "dpo test", "dropped"]]
+    counts.insert(0, "prompts", counts.sum(axis=1))
+    counts = counts.reset_index()
+    total = counts.drop(columns=["dataset", "domain"]).sum()
+    counts.loc[len(counts)] = ["total", "", *total.tolist()]
+
+    drops = (dec[dec["assigned"] == "dropped"].groupby(["domain", "reason"]).size()
+             .rename("prompts").reset_index())
+    excluded = sel.excluded.reset_index()
+
+    eligible = resp[~np.isnan(resp["reward"].to_numpy())]
+    q = eligible.groupby("source")["reward"]
+    scores = pd.DataFrame({"n": q.size(), "mean": q.mean(), "std": q.std(), "min": q.min(),
+                           "p25": q.quantile(0.25), "median": q.median(), "p75": q.quantile(0.75),
+                           "max": q.max()}).reset_index()
+
+    edges = np.linspace(build.band.low, build.band.high, 11)
+    hist, _ = np.histogram(np.clip(sel.dpo["margin"].to_numpy(), edges[0], edges[-1]), bins=edges)
+    margins = pd.DataFrame({"margin from": edges[:-1].round(4), "to": edges[1:].round(4), "pairs": hist})
+
+    winners = pd.crosstab(sel.sft["source"], prompts["domain"].to_numpy()[sel.sft["prompt"].to_numpy()])
+    winners["all"] = winners.sum(axis=1)
+    winners["share"] = (winners["all"] / max(int(winners["all"].sum()), 1)).round(4)
+    winners = winners.reset_index().rename(columns={"row_0": "source"})
+    winners.columns.name = None
+    return {"counts": counts, "drops": drops, "excluded": excluded, "scores": scores,
+            "margins": margins, "winners": winners}
+
+
+def write_plots(sel: Selection, resp: pd.DataFrame, tables: dict[str, pd.DataFrame], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    eligible = resp[~np.isnan(resp["reward"].to_numpy())]
+    names = sorted(eligible["source"].unique())
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in names:
+        ax.hist(eligible.loc[eligible["source"] == name, "reward"], bins=50, histtype="step", label=name)
+    ax.set(xlabel="reward", ylabel="responses", title="Scores per source")
+    if names:
+        ax.legend(fontsize=8)
+    out.append(folder / "scores_by_source.png")
+    fig.savefig(out[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    m = tables["margins"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(m["margin from"], m["pairs"], width=(m["to"] - m["margin from"]), align="edge", edgecolor="black")
+    ax.set(xlabel="score(chosen) - score(rejected)", ylabel="DPO pairs", title="DPO margins")
+    out.append(folder / "margins.png")
+    fig.savefig(out[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    w = tables["winners"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(w["source"].astype(str), w["share"])
+    ax.set(ylabel="share of SFT rows", title="Source of the SFT winners")
+    ax.tick_params(axis="x", labelrotation=30)
+    out.append(folder / "sft_winners.png")
+    fig.savefig(out[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def report_markdown(recipe: Recipe, tables: dict[str, pd.DataFrame], plots: list[Path], base: Path) -> str:
+    b = recipe.build
+    parts = [
+        f"# Build report: {recipe.name}",
+        f"Recipe hash `{recipe.content_hash()}`. Band {b.band.low} <= margin <= {b.band.high}; "
+        f"SFT fraction {dict(b.sft_fraction)} (other domains: pair if possible, else SFT; chinese: SFT "
+        f"only); pair policy `{b.pair_policy}`; band before split: {b.band_before_split}; drop "
+        f"truncated: {b.drop_truncated}; test fraction {b.test_fraction}; seed {b.seed}.",
+        "## Prompts per data set", _md(tables["counts"]),
+        "## Dropped prompts by reason", _md(tables["drops"]) if len(tables["drops"]) else "None.",
+        "## Responses left out of selection", _md(tables["excluded"]),
+        "## Scores per source (responses with a reward)", _md(tables["scores"]),
+        "## DPO margins", _md(tables["margins"]),
+        "## Source of the SFT winners", _md(tables["winners"]),
+    ]
+    parts += [f"![{p.stem}]({p.relative_to(base).as_posix()})" for p in plots]
+    return "\n\n".join(parts) + "\n"
+
+
+def run_build(recipe: Recipe) -> Manifest:
+    """scores -> datasets/{sft,dpo}/{train,test}.parquet, decisions.parquet, report.md, plots/."""
+    import numpy as np
+    import pyarrow as pa
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    manifest = Manifest.start(recipe, "build")
+    run = recipe.run_path()
+    for dom in SFT_ONLY:
+        if dom in recipe.build.sft_fraction:
+            raise RecipeError(f"build.sft_fraction.{dom}: the {dom} domain is SFT only; remove this key")
+    t0 = time.time()
+    with console.status("build: reading prompts, responses and scores"):
+        prompts_t, responses_t, prompts, resp = load_inputs(run)
+    with console.status(f"build: selecting from {len(resp):,} scored responses"):
+        sel = select(prompts, resp, recipe.build, [s.name for s in recipe.sources])
+    t_select = time.time() - t0
+    out = stage_dir(recipe, "datasets")
+    with console.status("build: writing data sets and report"):
+        tables = output_tables(sel, prompts_t, responses_t, resp, run / "responses" / "responses.parquet")
+        for name, table in tables.items():
+            write_table(table, out / f"{name}.parquet")
+            manifest.outputs[f"{name}.parquet"] = table.num_rows
+        ids = resp["response_id"].to_numpy(dtype=object)
+        dec = sel.decisions.copy()
+        for col, new in (("chosen_row", "chosen_response_id"), ("rejected_row", "rejected_response_id")):
+            rows = dec.pop(col).to_numpy()
+            dec[new] = np.where(rows >= 0, ids[np.maximum(rows, 0)], None)
+        write_table(pa.Table.from_pandas(dec, preserve_index=False), out / "decisions.parquet")
+        manifest.outputs["decisions.parquet"] = len(dec)
+        summary = summary_tables(sel, prompts, resp, recipe.build)
+        plots = write_plots(sel, resp, summary, out / "plots")
+        (out / "report.md").write_text(report_markdown(recipe, summary, plots, out))
+
+    manifest.rows_in = len(prompts)
+    manifest.rows_out = len(sel.sft) + len(sel.dpo)
+    for reason, n in dec.loc[dec["assigned"] == "dropped", "reason"].value_counts().sort_index().items():
+        manifest.drop(reason, int(n))
+    revisions = responses_t.select(["source", "model_revision"]).to_pandas().drop_duplicates()
+    manifest.models = {row.source: str(row.model_revision) for row in revisions.itertuples()}
+    manifest.extra = {
+        "responses_scored": len(resp),
+        "responses_without_score": responses_t.num_rows - len(resp),
+        "responses_excluded": {k: int(v) for k, v in sel.excluded[["null_reward", "truncated"]].sum().items()},
+        "sft_rows": len(sel.sft), "dpo_rows": len(sel.dpo),
+        "by_domain": {f"{d}/{a}": int(n) for (d, a), n in dec.groupby(["domain", "assigned"]).size().items()},
+        "select_s": round(t_select, 3),
+        "options": recipe.build.model_dump(mode="json"),
+    }
+    manifest.check_balance()
+    manifest.save(out)
+
+    table = Table(title=f"fusechat build: {recipe.name}")
+    for col in summary["counts"].columns:
+        table.add_column(str(col), justify="right" if col not in ("dataset", "domain") else "left")
+    for row in summary["counts"].itertuples(index=False):
+        table.add_row(*map(str, row))
+    console.print(table)
+    if manifest.dropped:
+        drops = Table(title="dropped prompts")
+        drops.add_column("reason")
+        drops.add_column("prompts", justify="right")
+        for reason, n in manifest.dropped.items():
+            drops.add_row(reason, str(n))
+        console.print(drops)
+    console.print(f"report: {out / 'report.md'}")
+    return manifest
