@@ -426,7 +426,7 @@ def output_tables(sel: Selection, prompts_t: pa.Table, responses_t: pa.Table, re
     return out
 
 
-def _md(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
     """A pipe table; pandas' to_markdown needs the extra `tabulate` package for the same thing."""
     cols = [str(c) for c in frame.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -523,12 +523,12 @@ def report_markdown(recipe: Recipe, tables: dict[str, pd.DataFrame], plots: list
         f"SFT fraction {dict(b.sft_fraction)} (other domains: pair if possible, else SFT; chinese: SFT "
         f"only); pair policy `{b.pair_policy}`; band before split: {b.band_before_split}; drop "
         f"truncated: {b.drop_truncated}; test fraction {b.test_fraction}; seed {b.seed}.",
-        "## Prompts per data set", _md(tables["counts"]),
-        "## Dropped prompts by reason", _md(tables["drops"]) if len(tables["drops"]) else "None.",
-        "## Responses left out of selection", _md(tables["excluded"]),
-        "## Scores per source (responses with a reward)", _md(tables["scores"]),
-        "## DPO margins", _md(tables["margins"]),
-        "## Source of the SFT winners", _md(tables["winners"]),
+        "## Prompts per data set", markdown_table(tables["counts"]),
+        "## Dropped prompts by reason", markdown_table(tables["drops"]) if len(tables["drops"]) else "None.",
+        "## Responses left out of selection", markdown_table(tables["excluded"]),
+        "## Scores per source (responses with a reward)", markdown_table(tables["scores"]),
+        "## DPO margins", markdown_table(tables["margins"]),
+        "## Source of the SFT winners", markdown_table(tables["winners"]),
     ]
     parts += [f"![{p.stem}]({p.relative_to(base).as_posix()})" for p in plots]
     return "\n\n".join(parts) + "\n"
