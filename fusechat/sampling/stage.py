@@ -1,0 +1,290 @@
+"""`run_sample(recipe)`: responses from every source, resumable; `fusechat sample` and the
+`sample-sources` flow both come here.
+
+Sources run one after another, each in a worker process of its own (`fusechat.sampling.worker`),
+so each model gets the accelerator's whole memory. A worker that dies mid-shard (engine crash,
+out of memory, kill) is started again for the shards still missing, up to `retries` times; a model
+that fails to load is not retried. Either way the other sources go on, every finished shard stays
+on disk, the table and manifest are written from what exists, and the stage then raises
+`SamplingError` naming what is missing, so a rerun computes only that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fusechat.recipe import Recipe, RecipeError, Source
+from fusechat.run import Manifest, stage_dir, write_table
+from fusechat.sampling.shards import (
+    COLUMNS, RECEIVED, Shard, load_prompts, model_revision, plan_source, read_shard, schema,
+    shard_path,
+)
+from fusechat.sampling.worker import LOAD_FAILED
+
+LOAD_FAILED_REASON = "source_load_failed"
+ENGINE_ERROR_REASON = "engine_error"
+
+
+class SamplingError(RuntimeError):
+    """Some shards could not be computed; the message names the sources, paths and causes."""
+
+
+@dataclass
+class SourceOutcome:
+    source: str
+    revision: str
+    status: str = "done"  # done | load_failed | failed
+    message: str = ""
+    computed: int = 0  # shards computed in this run (the rest were already on disk)
+    prompts: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0  # engine time of the computed shards
+    hosts: list[str] = field(default_factory=list)
+
+
+def plan(recipe: Recipe) -> tuple[dict[str, str], dict[str, list[Shard]]]:
+    """Revision and shards of every source, from the prompts table."""
+    prompts = load_prompts(recipe)
+    revisions, shards = {}, {}
+    for i, source in enumerate(recipe.sources):
+        try:
+            revisions[source.name] = model_revision(recipe, source)
+        except ValueError as e:
+            raise RecipeError(f"sources[{i}] ({source.name}): {e}") from None
+        shards[source.name] = plan_source(recipe, source, prompts, revisions[source.name])
+    return revisions, shards
+
+
+def _source(recipe: Recipe, name: str) -> tuple[int, Source]:
+    for i, s in enumerate(recipe.sources):
+        if s.name == name:
+            return i, s
+    raise RecipeError(f"no source named {name!r} in recipe {recipe.name!r}")
+
+
+def _log_tail(path: Path, lines: int = 12) -> str:
+    text = path.read_text(errors="replace").splitlines() if path.exists() else []
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+def sample_source(
+    recipe: Recipe,
+    name: str,
+    shards: list[Shard],
+    revision: str,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    retries: int = 2,
+) -> SourceOutcome:
+    """Compute the missing ones among `shards` of source `name` in worker processes."""
+    index, source = _source(recipe, name)
+    out = SourceOutcome(name, revision)
+    logs = stage_dir(recipe, "responses") / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{name}.log"
+    where = f"sources[{index}] {name!r} (model {recipe.resolve(source.model)}, engine {source.engine})"
+    for attempt in range(retries + 1):
+        todo = [s.shard_id for s in shards if not shard_path(recipe, s).exists()]
+        if not todo:
+            break
+        job = logs / f".job-{name}-{os.getpid()}.json"
+        data = recipe.model_dump(mode="json") | {"base_dir": recipe.base_dir}
+        job.write_text(json.dumps({"recipe": data, "source": name, "shards": todo}))
+        failure: dict[str, Any] = {}
+
+        def handle(event: dict[str, Any]) -> None:
+            if event["event"] == "shard":
+                out.computed += 1
+                out.prompts += event["prompts"]
+                out.completion_tokens += event["completion_tokens"]
+                out.seconds += event["seconds"]
+            elif event["event"] in ("load_failed", "shard_failed"):
+                failure.update(event)
+            if on_event is not None:
+                on_event({"source": name, **event})
+
+        code = _run_worker(job, log, handle)
+        job.unlink(missing_ok=True)
+        if code == 0:
+            continue
+        if code == LOAD_FAILED:
+            out.status = LOAD_FAILED_REASON
+            out.message = f"{where} failed to load: {failure.get('message', '')}\n  log {log}:\n{_log_tail(log)}"
+            return out
+        cause = failure.get("message") or f"worker exited with code {code}"
+        out.message = f"{where}: attempt {attempt + 1} stopped: {cause}\n  log {log}:\n{_log_tail(log)}"
+        if on_event is not None:
+            on_event({"source": name, "event": "retry", "message": cause})
+    if any(not shard_path(recipe, s).exists() for s in shards):
+        out.status = "failed"
+    else:
+        out.status, out.message = "done", ""
+    return out
+
+
+def _run_worker(job: Path, log: Path, handle: Callable[[dict[str, Any]], None]) -> int:
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ, FUSECHAT_EVENTS_FD=str(write_fd))
+    with open(log, "ab") as logf:
+        # Own session: the worker and the engine processes it spawns form one group, killed together.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fusechat.sampling.worker", str(job)],
+            env=env, stdout=logf, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd) as events:
+            for line in events:
+                handle(json.loads(line))
+        return proc.wait()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftover engine processes, or all on interrupt
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def merge(
+    recipe: Recipe,
+    revisions: dict[str, str],
+    shards: dict[str, list[Shard]],
+    outcomes: dict[str, SourceOutcome] | None = None,
+) -> Manifest:
+    """`responses/responses.parquet` and its manifest from the shard files that exist."""
+    import pyarrow as pa
+
+    outcomes = outcomes or {}
+    man = Manifest.start(recipe, "responses")
+    tables = []
+    per_source: dict[str, dict[str, Any]] = {}
+    requests_in = requests_done = 0
+    requests_dropped: dict[str, int] = {}
+    for name, source_shards in shards.items():
+        stats = per_source.setdefault(name, {"shards": len(source_shards), "shards_done": 0, "requests": 0,
+                                             "responses": 0, "truncated": 0, "dropped": {}})
+        for shard in source_shards:
+            asked = len(shard.prompt_ids)
+            man.rows_in += asked * shard.n
+            requests_in += asked
+            stats["requests"] += asked
+            path = shard_path(recipe, shard)
+            if not path.exists():
+                status = outcomes.get(name).status if name in outcomes else "not_run"
+                reason = LOAD_FAILED_REASON if status == LOAD_FAILED_REASON else (
+                    ENGINE_ERROR_REASON if status == "failed" else "not_run")
+                reasons = {reason: list(shard.prompt_ids)}
+            else:
+                table, meta = read_shard(path)
+                table = table.drop_columns([RECEIVED])
+                tables.append(table)
+                stats["shards_done"] += 1
+                stats["responses"] += table.num_rows
+                stats["truncated"] += sum(table.column("truncated").to_pylist())
+                man.rows_out += table.num_rows
+                reasons = meta.get("dropped", {})
+                requests_done += asked - sum(len(p) for p in reasons.values())
+            for reason, pids in reasons.items():
+                man.drop(reason, len(pids) * shard.n)
+                requests_dropped[reason] = requests_dropped.get(reason, 0) + len(pids)
+                stats["dropped"][reason] = stats["dropped"].get(reason, 0) + len(pids) * shard.n
+    out_schema = pa.schema([schema().field(c) for c in COLUMNS])
+    table = pa.concat_tables(tables) if tables else out_schema.empty_table()
+    # A request that returned fewer samples than asked (a server that ignores n) must not vanish.
+    short = man.rows_in - man.rows_out - sum(man.dropped.values())
+    man.drop("fewer_samples_than_requested", short)
+    out_dir = stage_dir(recipe, "responses")
+    write_table(table, out_dir / "responses.parquet")
+    man.outputs = {"responses.parquet": table.num_rows}
+    man.models = dict(revisions)
+    man.extra = {
+        "requests": {"in": requests_in, "answered": requests_done, "dropped": requests_dropped},
+        "truncated": sum(s["truncated"] for s in per_source.values()),
+        "per_source": per_source,
+        "failures": {n: o.message for n, o in outcomes.items() if o.status != "done"},
+    }
+    man.check_balance()
+    man.save(out_dir)
+    return man
+
+
+def _build_prompts(recipe: Recipe) -> None:
+    try:
+        from fusechat.prompts import build_prompts
+    except ImportError as e:  # the prompts stage is not part of this installation
+        if e.name != "fusechat.prompts":
+            raise
+        return  # prompts/prompts.parquet written by other means; load_prompts says if it is missing
+    build_prompts(recipe)
+
+
+def run_sample(recipe: Recipe, retries: int = 2) -> Manifest:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    _build_prompts(recipe)
+    revisions, shards = plan(recipe)
+    outcomes: dict[str, SourceOutcome] = {}
+    progress = Progress(
+        TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
+    )
+    with progress:
+        tasks = {}
+        for name, source_shards in shards.items():
+            total = sum(len(s.prompt_ids) for s in source_shards)
+            done = sum(len(s.prompt_ids) for s in source_shards if shard_path(recipe, s).exists())
+            tasks[name] = progress.add_task(name, total=total, completed=done, rate="")
+
+        seen: dict[str, list[float]] = {name: [0, 0, 0.0] for name in shards}  # prompts, tokens, s
+
+        def on_event(ev: dict[str, Any]) -> None:
+            task, stats = tasks[ev["source"]], seen[ev["source"]]
+            if ev["event"] == "loaded":
+                progress.update(task, rate=f"loaded in {ev['seconds']:.0f}s")
+            elif ev["event"] == "retry":
+                progress.update(task, rate=f"retrying: {ev['message'][:60]}")
+            elif ev["event"] == "shard":
+                stats[0] += ev["prompts"]
+                stats[1] += ev["completion_tokens"]
+                stats[2] += ev["seconds"]
+                progress.update(task, advance=ev["prompts"], rate=f"{stats[0] / max(stats[2], 1e-9):.2f} prompts/s "
+                                f"{stats[1] / max(stats[2], 1e-9):.0f} tok/s")
+
+        for name, source_shards in shards.items():
+            outcomes[name] = sample_source(recipe, name, source_shards, revisions[name], on_event, retries)
+    manifest = merge(recipe, revisions, shards, outcomes)
+    console.print(summary_table(manifest, outcomes))
+    failed = [o for o in outcomes.values() if o.status != "done"]
+    if failed:
+        raise SamplingError(
+            "sampling incomplete; finished shards are kept and a rerun computes only the rest:\n"
+            + "\n".join(f"- {o.message}" for o in failed)
+        )
+    return manifest
+
+
+def summary_table(manifest: Manifest, outcomes: dict[str, SourceOutcome]):
+    from rich.table import Table
+
+    table = Table(title=f"fusechat sample: {manifest.recipe_name}")
+    for col in ("source", "status", "shards", "requests", "responses", "truncated", "dropped",
+                "computed now", "tok/s"):
+        table.add_column(col, justify="left" if col in ("source", "status") else "right")
+    for name, s in manifest.extra["per_source"].items():
+        o = outcomes.get(name)
+        rate = f"{o.completion_tokens / o.seconds:.0f}" if o and o.seconds else "-"
+        dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "0"
+        table.add_row(name, o.status if o else "-", f"{s['shards_done']}/{s['shards']}",
+                      str(s["requests"]), str(s["responses"]), str(s["truncated"]), dropped,
+                      str(o.computed if o else 0), rate)
+    return table
