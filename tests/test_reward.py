@@ -1,0 +1,162 @@
+"""ArmoRM parity with its formula, batching invariance, overlong inputs, checkpoint errors, and
+the generic sequence-classification path."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from fusechat.scoring.armorm import OBJECTIVES, find_gating_position
+from fusechat.scoring.reward import RewardScorer, resolve_dtype, token_batches
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}],
+    [{"role": "user", "content": "Write a haiku about the sea."},
+     {"role": "assistant", "content": "Grey waves fold and break\nsalt wind carries gull voices\nthe tide keeps its time"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."},
+     {"role": "assistant", "content": "7"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help you today? " * 6}],
+    [{"role": "user", "content": "First question"}, {"role": "assistant", "content": "First answer"},
+     {"role": "user", "content": "And the second one, please explain at length"},
+     {"role": "assistant", "content": "The second answer is longer.\n\nIt has paragraphs."}],
+]
+
+
+def reference_scores(path, conversations):
+    """ArmoRM's forward written out from its formula, one unpadded sequence at a time."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    tok = AutoTokenizer.from_pretrained(path)
+    config = LlamaConfig.from_pretrained(path)
+    w = load_file(str(path / "model.safetensors"))
+    backbone = LlamaModel(config).eval()
+    backbone.load_state_dict({k[len("model."):]: v for k, v in w.items() if k.startswith("model.")})
+    pattern = [tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|start_header_id|>")]
+    pattern += tok.encode("assistant", add_special_tokens=False)
+    pattern += [tok.convert_tokens_to_ids("<|end_header_id|>")] + tok.encode("\n\n", add_special_tokens=False)
+    out = []
+    for conv in conversations:
+        ids = tok.apply_chat_template(conv, tokenize=False)
+        ids = tok(ids, add_special_tokens=False)["input_ids"]
+        gpos = max(j for j in range(len(ids)) if ids[j : j + len(pattern)] == pattern)
+        with torch.no_grad():
+            h = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0]
+            r = w["regression_layer.weight"] @ h[-1]
+            x = h[gpos]
+            for i in range(4):
+                x = w[f"gating.layers.{i}.weight"] @ x + w[f"gating.layers.{i}.bias"]
+                if i < 3:
+                    x = torch.clamp(x, min=0)
+            g = torch.exp(x / 10) / torch.exp(x / 10).sum() * w["gating.logit_scale"][0]
+            t = r @ w["reward_transform_matrix"]
+            out.append((float((g * t).sum()), r.tolist()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_armorm):
+    return RewardScorer(str(tiny_armorm), kind="armorm", dtype="float32", device="cpu", batch_tokens=400)
+
+
+def test_scores_equal_the_formula(tiny_armorm, scorer):
+    got = scorer.score(CONVERSATIONS)
+    ref = reference_scores(tiny_armorm, CONVERSATIONS)
+    for o, (score, rewards) in zip(got, ref):
+        assert abs(o.score - score) <= 1e-5
+        assert len(o.objectives) == len(OBJECTIVES) == 19
+        assert max(abs(a - b) for a, b in zip(o.objectives, rewards)) <= 1e-5
+    assert len({round(o.score, 6) for o in got}) == len(got)  # the scores tell texts apart
+
+
+def test_batched_padded_equals_one_at_a_time(tiny_armorm, scorer):
+    lengths = [len(scorer.encode(c)) for c in CONVERSATIONS]
+    assert any(len(b) > 1 for b in token_batches(lengths, scorer.batch_tokens))  # really padded
+    single = RewardScorer(str(tiny_armorm), dtype="float32", device="cpu", batch_tokens=1)
+    for a, b in zip(scorer.score(CONVERSATIONS), single.score(CONVERSATIONS)):
+        assert abs(a.score - b.score) <= 1e-5
+
+
+def test_one_bos_and_the_gating_position(scorer):
+    ids = scorer.encode(CONVERSATIONS[4])
+    assert ids.count(scorer.tokenizer.bos_token_id) == 1 and ids[0] == scorer.tokenizer.bos_token_id
+    gpos = find_gating_position(ids, scorer.pattern)
+    # the last user turn ends there: what follows is the final assistant reply only
+    tail = scorer.tokenizer.decode(ids[gpos:])
+    assert tail.startswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nThe second answer")
+    with pytest.raises(ValueError, match="gating token pattern"):
+        find_gating_position(scorer.encode(CONVERSATIONS[0][:1]), scorer.pattern)  # no assistant turn
+
+
+def test_overlong_inputs_truncated_or_skipped(tiny_armorm, scorer):
+    long = [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": "once upon a time " * 80}]
+    n = len(scorer.encode(long))
+    cut = RewardScorer(str(tiny_armorm), dtype="float32", device="cpu", max_length=n - 20)
+    skip = RewardScorer(str(tiny_armorm), dtype="float32", device="cpu", max_length=n - 20, overlong="skip")
+    tiny = RewardScorer(str(tiny_armorm), dtype="float32", device="cpu", max_length=20)
+    (a,), (b,), (c,) = cut.score([long]), skip.score([long]), tiny.score([long])
+    assert a.truncated and a.score is not None
+    # what was scored: the head of the conversation plus its final <|eot_id|>
+    ids = scorer.encode(long)
+    assert ids[-1] == scorer.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    head = ids[: n - 21] + ids[-1:]
+    (expected,), _ = scorer._forward([(head, find_gating_position(head, scorer.pattern), True)])
+    assert abs(a.score - expected) <= 1e-5
+    assert b.score is None and not b.truncated and f"{n} tokens > max_length {n - 20}" in b.detail
+    assert c.score is None and "prompt alone exceeds" in c.detail
+
+
+def test_checkpoint_key_mismatch_is_named(tiny_armorm, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fusechat.scoring.armorm import load_armorm
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_armorm, bad)
+    w = load_file(str(bad / "model.safetensors"))
+    del w["gating.logit_scale"]
+    w["score.weight"] = torch.zeros(1, 4)
+    save_file(w, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['gating.logit_scale'\].*unexpected key\(s\) \['score.weight'\]"):
+        load_armorm(bad)
+
+
+def test_dtype_auto():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16
+
+
+def test_token_batches_respect_the_budget():
+    lengths = [5, 50, 7, 30, 30, 200, 1]
+    batches = token_batches(lengths, 100)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 100
+    assert batches[0] == [5]  # the longest alone, first
+
+
+def test_sequence_classification_reward_model(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from fusechat.testing.tiny import build_tokenizer
+
+    tok = build_tokenizer("llama3")  # no pad token: batches pad with <|eot_id|>
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, initializer_range=0.1,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    rm = RewardScorer(str(tmp_path / "rm"), kind="sequence_classification", dtype="float32", device="cpu",
+                      batch_tokens=10_000)
+    batched = rm.score(CONVERSATIONS)
+    model = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    for conv, out in zip(CONVERSATIONS, batched):
+        ids = tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
+        assert ids.count(tok.bos_token_id) == 1
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+        assert abs(out.score - expected) <= 1e-5 and out.objectives is None
