@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fusechat.scoring.code_check import CodeChecker, extract_code, static_problems
+from fusechat.scoring.code_check import LEETCODE_PRELUDE, CodeChecker, extract_code, static_problems
 from fusechat.scoring.math_check import MathChecker
 
 # sympy tries to evaluate the tower exactly: math-verify does not come back from this one
@@ -64,6 +64,8 @@ def test_static_analysis():
     assert "undefined name 'undefined_helper'" in static_problems("def f():\n    return undefined_helper()\n")
     assert static_problems("import os\n\ndef f():\n    return os.sep\n") is None  # unused is fine
     assert static_problems("x = 1\0") is not None
+    assert static_problems("def f(d: Dict) -> int:\n    return len(deque())\n", LEETCODE_PRELUDE) is None
+    assert "'nothere'" in static_problems("def f():\n    return nothere\n", LEETCODE_PRELUDE)
 
 
 def test_code_checker_end_to_end():
@@ -74,9 +76,14 @@ def test_code_checker_end_to_end():
     slow = "```python\ndef add(a, b):\n    while True:\n        pass\n```"
     tests = ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]
     with CodeChecker(workers=2, timeout_s=1.5, memory_mb=256) as cc:
-        got = cc.check_many([(t, tests, "") for t in (good, wrong, undefined, broken, slow)]
-                            + [("def g():\n    return math.pi\n", ["assert g() > 3"], "import math")])
-    assert [r.status for r in got] == ["pass", "fail", "fail", "fail", "timeout", "pass"]
+        got = cc.check_many([(t, tests, "", "") for t in (good, wrong, undefined, broken, slow)] + [
+            # LeetCode style: names from the judge's prelude, a Solution method bound by the setup
+            ("class Solution:\n    def top(self, xs: List[int]) -> int:\n        return nsmallest(1, xs)[0]\n",
+             ["assert top([3, 1, 2]) == 1"], "top = Solution().top", LEETCODE_PRELUDE),
+            ("def top(xs: List[int]) -> int:\n    return min(xs)\n", ["assert top([2]) == 2"], "", ""),
+        ])
+    assert [r.status for r in got] == ["pass", "fail", "fail", "fail", "timeout", "pass", "fail"]
+    assert "undefined name 'List'" in got[6].detail
     assert "pass: assert add(1, 2) == 3" in got[0].detail
     assert "fail: assert add(1, 2) == 3 -> AssertionError" in got[1].detail
     assert got[2].detail.startswith("static analysis: ") and "plus" in got[2].detail

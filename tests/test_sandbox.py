@@ -67,7 +67,7 @@ def test_pass_fail_and_per_test_detail(sandbox):
     assert "AssertionError: wrong" in r.tests[1]["error"]
     assert "NameError" in r.tests[2]["error"]
     assert "called 3" in r.stdout
-    ok = sandbox.run(Check(code, ["assert sq(3) == 9"], setup="import math"))
+    ok = sandbox.run(Check(code, ["assert double(3) == 9 and pi > 3"], setup="double = sq", prelude="from math import pi"))
     assert ok.status == "pass" and ok.tests[0]["status"] == "pass"
 
 

@@ -17,6 +17,12 @@ STATUSES = ("pass", "fail", "timeout", "error")
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = {"python", "py", "python3"}
+# What LeetCode's judge provides before a solution runs (the same lines the prompt stage used to
+# keep only tests the reference solution passes): solutions there may use List, deque, ... bare.
+LEETCODE_PRELUDE = (
+    "from typing import *\nfrom collections import *\nfrom functools import *\nfrom itertools import *\n"
+    "from heapq import *\nfrom bisect import *\nimport math, string, re\n"
+)
 
 
 @dataclass
@@ -35,8 +41,19 @@ def extract_code(text: str) -> str:
     return text
 
 
-def static_problems(code: str) -> str | None:
-    """Why pyflakes rejects the code (syntax error, undefined names), or None when it does not."""
+def _prelude_names(prelude: str) -> frozenset[str]:
+    # the prelude is the project's own trusted text: run it to learn the names it provides
+    namespace: dict = {}
+    exec(prelude, namespace)
+    return frozenset(namespace)
+
+
+def static_problems(code: str, prelude: str = "") -> str | None:
+    """Why pyflakes rejects the code (syntax error, undefined names), or None when it does not.
+
+    Names the prelude provides count as defined; the prelude is not prepended to the code because
+    its star imports would make pyflakes stop reporting undefined names altogether.
+    """
     from pyflakes import checker, messages
 
     try:
@@ -45,7 +62,8 @@ def static_problems(code: str) -> str | None:
         return f"syntax error: {e.msg} (line {e.lineno})"
     except (ValueError, RecursionError, MemoryError) as e:  # null bytes, absurd nesting
         return f"unparseable code: {type(e).__name__}: {e}"[:500]
-    found = checker.Checker(tree, filename="<response>").messages
+    known = _prelude_names(prelude) if prelude else frozenset()
+    found = checker.Checker(tree, filename="<response>", builtins=known).messages
     undefined = [m for m in found if isinstance(m, (messages.UndefinedName, messages.UndefinedLocal))]
     if undefined:
         return "; ".join(f"line {m.lineno}: " + m.message % m.message_args for m in undefined[:5])
@@ -65,19 +83,19 @@ class CodeChecker:
     def __init__(self, workers: int = 2, timeout_s: float = 10.0, memory_mb: int = 1024):
         self.sandbox = Sandbox(workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
 
-    def check_many(self, items: list[tuple[str, list[str], str]], progress=None) -> list[CodeResult]:
-        """(response text, test asserts, setup code) triples -> results, in order."""
+    def check_many(self, items: list[tuple[str, list[str], str, str]], progress=None) -> list[CodeResult]:
+        """(response text, test asserts, setup after the code, prelude before it) -> results, in order."""
         results: list[CodeResult | None] = [None] * len(items)
         to_run: list[tuple[int, Check]] = []
-        for i, (text, tests, setup) in enumerate(items):
+        for i, (text, tests, setup, prelude) in enumerate(items):
             code = extract_code(text)
-            problem = static_problems(f"{setup}\n{code}" if setup else code)
+            problem = static_problems(code, prelude)
             if problem:
                 results[i] = CodeResult("fail", f"static analysis: {problem}")
                 if progress:
                     progress()
             else:
-                to_run.append((i, Check(code=code, tests=list(tests), setup=setup)))
+                to_run.append((i, Check(code=code, tests=list(tests), setup=setup, prelude=prelude)))
         ran = self.sandbox.run_many([c for _, c in to_run], progress=progress)
         for (i, _), r in zip(to_run, ran):
             results[i] = CodeResult(r.status, _describe(r))

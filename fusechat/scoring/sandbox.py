@@ -57,7 +57,8 @@ PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
 class Check:
     code: str
     tests: list[str]
-    setup: str = ""
+    setup: str = ""  # runs after the code, before the tests (it may adapt the code's names)
+    prelude: str = ""  # runs before the code (e.g. the imports a judge provides)
 
 
 @dataclass
@@ -162,7 +163,7 @@ def _run_tests(req: dict, results_fd: int) -> None:
 
     # not "__main__": demo code under `if __name__ == "__main__":` (input(), prints) stays idle
     g: dict = {"__name__": "__sandbox__", "__builtins__": __builtins__}
-    for phase in ("setup", "code"):
+    for phase in ("prelude", "code", "setup"):
         if req.get(phase):
             try:
                 exec(compile(req[phase], f"<{phase}>", "exec"), g)
@@ -413,7 +414,7 @@ class Sandbox:
         self.isolation = self._servers[0].info["isolation"]
 
     def run(self, check: Check) -> CheckResult:
-        req = {"code": check.code, "tests": list(check.tests), "setup": check.setup,
+        req = {"code": check.code, "tests": list(check.tests), "setup": check.setup, "prelude": check.prelude,
                "timeout_s": self.timeout_s, "memory_mb": self.memory_mb}
         i = self._idle.get()
         try:
