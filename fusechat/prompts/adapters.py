@@ -3,8 +3,8 @@
 Each adapter names the columns it reads; the stage checks them once against the loaded table, so a
 file in the wrong layout fails with the list of columns it does have instead of a KeyError deep in
 a loop. A value of the wrong kind in one row raises `BadValue(column, why)`, which the stage turns
-into an error naming the data set, the row and the column. Layouts: /work/shared/DATASETS.md
-(summarised in docs/prompts.md).
+into an error naming the data set, the row and the column. Layouts, traps and the decisions
+taken: docs/prompts.md.
 """
 
 from __future__ import annotations

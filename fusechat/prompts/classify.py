@@ -45,7 +45,7 @@ _RULES: tuple[tuple[str, str, re.Pattern[str]], ...] = (
         "code",
         "source code line",
         re.compile(
-            r"^\s*(def \w+\(|class \w+[:(]|#include\s*<|import \w+(\.\w+)*\s*$|from \w+(\.\w+)* import |"
+            r"^\s*(def \w+\(|class \w+[:(]|#include\s*<|import \w+(\.\w+)*(\s+as\s+\w+)?\s*$|from \w+(\.\w+)* import |"
             r"public (static )?(void|class|int)|function \w*\s*\(|console\.log\(|SELECT .+ FROM )",
             re.M | _I,
         ),

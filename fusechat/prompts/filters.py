@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -44,8 +45,12 @@ class NearDedup:
         from datasketch import MinHash
 
         # generator() shares one permutation table across all signatures (a fresh MinHash would
-        # rebuild it per text); seed fixed so signatures, and therefore drops, are reproducible
-        return MinHash.generator((list(shingles(t)) for t in texts), num_perm=NUM_PERM, seed=1)
+        # rebuild it per text); seed fixed so signatures, and therefore drops, are reproducible.
+        # crc32 instead of the default sha1: 4x faster here, stable across processes, and the
+        # signature's random affine permutations sit on top of it anyway.
+        return MinHash.generator(
+            (list(shingles(t)) for t in texts), num_perm=NUM_PERM, seed=1, hashfunc=zlib.crc32
+        )
 
     def find(self, signature) -> tuple[str, float] | None:
         best = None
@@ -73,7 +78,7 @@ class Decontaminator:
         self.n = n
         self.grams: dict[tuple[str, ...], str] = {}
         self.lengths: set[int] = set()
-        self.counts: dict[str, dict[str, int]] = {}
+        self.counts: dict[str, dict[str, int | str]] = {}
         for name, path in files:
             table = load(path)
             column = next((c for c in EVAL_COLUMNS if c in table.column_names), None)
