@@ -1,0 +1,130 @@
+"""`fusechat sft`: supervised fine-tuning of the target on `datasets/sft/` with TRL's SFTTrainer.
+
+Packing (best-fit decreasing, padding-free) and a loss on assistant tokens only, as the recipe says;
+every hyperparameter comes from `recipe.sft`. Output: `models/sft/` (model, tokenizer,
+`metrics.json`, model card, manifest) with checkpoints under `models/sft/checkpoints/`; running the
+command again after an interruption resumes from the newest checkpoint.
+
+Runs in one process or, unchanged, on every rank of `torchrun` / `accelerate launch`
+(`python -m fusechat.train.sft RECIPE`; see `fusechat.train.launch`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fusechat.recipe import RecipeError
+from fusechat.run import Manifest
+from fusechat.train import common
+
+if TYPE_CHECKING:
+    from fusechat.recipe import Recipe
+
+
+def training_chat_template(tokenizer, model_ref: str) -> str | None:
+    """The chat template with `{% generation %}` markers that assistant-only loss needs: the
+    tokenizer's own when it has them, else TRL's patched copy for the families it knows."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        return get_training_chat_template(tokenizer)
+    except ValueError as e:
+        raise RecipeError(
+            f"sft.assistant_only_loss: the chat template of {model_ref} has no {{% generation %}} markers and "
+            f"TRL cannot patch it ({e}); add the markers to the template or set sft.assistant_only_loss: false"
+        ) from None
+
+
+def _lengths(ds, tokenizer, template) -> tuple[list[int], list[int]]:
+    full, prompt = [], []
+    for messages in ds["messages"]:
+        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        full.append(common.token_length(tokenizer, messages, template))
+        prompt.append(common.token_length(tokenizer, messages[:first], template, add_generation_prompt=True))
+    return full, prompt
+
+
+def build_trainer(recipe: Recipe, out: Path, manifest: Manifest | None = None, **overrides):
+    """The SFTTrainer for this recipe, with its data read, checked and length-filtered.
+
+    `overrides` replace SFTConfig fields (benchmarks compare packing against padding this way)."""
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = recipe.sft
+    base = recipe.resolve(recipe.target.model)
+    tokenizer = common.load_tokenizer(base, recipe.target.revision)
+    template = training_chat_template(tokenizer, base) if cfg.assistant_only_loss else None
+
+    data_dir = recipe.run_path() / "datasets" / "sft"
+    cache = out / "cache"
+    splits, counts = {}, {}
+    for split in ("train", "test"):
+        path = data_dir / f"{split}.parquet"
+        if split == "test" and not path.exists():
+            continue
+        ds = common.load_split(path, ("messages",), common.check_sft_row, cache)
+        full, prompt = _lengths(ds, tokenizer, template)
+        splits[split], counts[split] = common.apply_length_policy(
+            ds, full, prompt, cfg, manifest if split == "train" else None
+        )
+        counts[split]["rows"] = len(ds)
+
+    kwargs = common.config_kwargs(cfg, out, "sft")
+    if recipe.target.revision:
+        kwargs["model_init_kwargs"]["revision"] = recipe.target.revision
+    peft = common.peft_config(cfg, "sft", kwargs["model_init_kwargs"])
+    kwargs.update(
+        packing=cfg.packing,
+        packing_strategy="bfd",
+        assistant_only_loss=cfg.assistant_only_loss,
+        eval_strategy="no",
+    )
+    kwargs.update(overrides)
+    trainer = SFTTrainer(
+        model=base,
+        args=SFTConfig(**kwargs),
+        train_dataset=splits["train"],
+        eval_dataset=splits.get("test"),
+        processing_class=tokenizer,
+        peft_config=peft,
+    )
+    paths = {s: data_dir / f"{s}.parquet" for s in splits}
+    return trainer, paths, counts
+
+
+def run_sft(recipe: Recipe) -> Manifest:
+    manifest = Manifest.start(recipe, "sft")
+    out = common.model_dir(recipe, "sft")
+    base = recipe.resolve(recipe.target.model)
+    manifest.models[base] = recipe.target.revision or "local"
+    trainer, paths, counts = build_trainer(recipe, out, manifest)
+    common.log(f"sft: {len(trainer.train_dataset)} training sequences from {manifest.rows_out} rows")
+
+    result, resumed = common.train_resuming(trainer)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    metrics.update(
+        world_size=trainer.args.world_size,
+        ranks=common.gather_ranks(trainer),
+        resumed_from_step=resumed,
+        global_step=trainer.state.global_step,
+        gradient_accumulation_steps=trainer.args.gradient_accumulation_steps,
+        train_tokens=trainer._total_train_tokens,
+    )
+    common.log(f"sft: done, {trainer.state.global_step} steps")
+    common.save_final(trainer, out, base, trainer.args.model_init_kwargs["dtype"])
+    if trainer.accelerator.is_main_process:
+        trainer.processing_class.save_pretrained(str(out))
+        manifest.outputs = {"models/sft": manifest.rows_out}
+        manifest.extra = {"length_policy": counts, "resumed_from_step": resumed, "world_size": trainer.args.world_size}
+        common.write_outputs(
+            out, recipe, manifest, stage="sft", base_model=base, data=paths,
+            rows={s: c["rows"] for s, c in counts.items()}, cfg=recipe.sft, metrics=metrics,
+        )
+    return manifest
+
+
+if __name__ == "__main__":
+    common.module_main("sft", run_sft)
