@@ -105,6 +105,9 @@ class RewardModel(_Strict):
     max_length: int = Field(4096, ge=8)
     batch_tokens: int = Field(16384, ge=1, description="token budget of one scoring batch")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    overlong: Literal["truncate", "skip"] = Field(
+        "truncate", description="input over max_length: keep its head + final token, or leave unscored"
+    )
 
 
 class MathCheck(_Strict):
@@ -122,6 +125,7 @@ class Scoring(_Strict):
     reward_model: RewardModel
     math: MathCheck = Field(default_factory=MathCheck)
     code: CodeCheck = Field(default_factory=CodeCheck)
+    shard_size: int = Field(2048, ge=1, description="responses per resumable scoring shard")
 
 
 class Band(_Strict):

@@ -113,13 +113,13 @@ class RewardScorer:
             try:
                 gpos = find_gating_position(ids, self.pattern)
             except ValueError as e:
-                return str(e)
+                return f"no gating position: {e}"
         if len(ids) <= self.max_length:
             return ids, gpos, False
         if self.overlong == "skip":
-            return f"input has {len(ids)} tokens > max_length {self.max_length}: skipped"
+            return f"overlong: input has {len(ids)} tokens > max_length {self.max_length}; not scored"
         if gpos + len(self.pattern or []) > self.max_length - 1:
-            return f"prompt alone exceeds max_length {self.max_length} ({len(ids)} tokens): skipped"
+            return f"overlong prompt: the prompt alone exceeds max_length {self.max_length} ({len(ids)} tokens)"
         return ids[: self.max_length - 1] + ids[-1:], gpos, True
 
     def _forward(self, batch: list[tuple[list[int], int, bool]]):
