@@ -367,3 +367,9 @@ def test_evaluation_file_without_a_question_column(tmp_path):
     pq.write_table(pa.table({"task_id": [1], "answer": ["4"]}), path)
     with pytest.raises(PromptDataError, match="filters.decontaminate: eval.parquet .*found task_id, answer"):
         build_prompts(make_recipe(tmp_path / "run", datasets=DATASETS[6:7], decontaminate=[str(path)]))
+
+
+def test_unknown_split_names_the_data_set(tmp_path):
+    d = dict(zip(("name", "path", "adapter", "domain"), DATASETS[1]), split="validation")
+    with pytest.raises(PromptDataError, match=r"'magpie-pro-dpo' \(data/fixtures/magpie_pro_dpo\): cannot load split 'validation'"):
+        build_prompts(make_recipe(tmp_path, datasets=[d]))

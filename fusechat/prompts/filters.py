@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 NUM_PERM = 128
 # Character 5-grams, not words: the Chinese sets have no spaces between words, and a one-word edit
