@@ -197,3 +197,25 @@ def test_bad_tables_are_named(tmp_path, tiny_armorm):
     shutil.rmtree(tmp_path / "run" / "responses")
     with pytest.raises(FileNotFoundError, match="responses.parquet: missing"):
         run_score(recipe)
+
+
+def test_prefect_flow_scores(tmp_path, tiny_armorm, prefect_server):
+    import subprocess
+    import sys
+    import urllib.request
+
+    root = Path(__file__).resolve().parents[1]
+    write_run(tmp_path / "run")
+    recipe_file = write_recipe(tmp_path, tiny_armorm)
+    proc = subprocess.run([sys.executable, "flows/score_responses.py", str(recipe_file)], cwd=root,
+                          env={**prefect_server, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run" / "scores" / "manifest.json").read_text())
+    assert manifest["rows_in"] == 16 and manifest["rows_out"] == 14
+    body = json.dumps({"flows": {"name": {"any_": ["score-responses"]}}}).encode()
+    req = urllib.request.Request(prefect_server["PREFECT_API_URL"] + "/flow_runs/filter", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        runs = json.loads(r.read())
+    assert [run["state_type"] for run in runs] == ["COMPLETED"]
