@@ -82,7 +82,7 @@ CHAT_TEMPLATES: dict[str, str] = {
         {{- '\n' }}
     {%- elif (message.role == "user") or (message.role == "system" and not loop.first) %}
         {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
-    {%- else %}
+    {%- elif not (message.role == "system" and loop.first) %}
         {{- raise_exception('Unsupported role: ' + message.role) }}
     {%- endif %}
 {%- endfor %}
