@@ -95,7 +95,8 @@ def select(prompts: pd.DataFrame, resp: pd.DataFrame, build: Build, source_order
     """Apply the selection rules.
 
     prompts: prompt_id, dataset, domain (row i = prompt i). resp: one row per scored response with
-    p (prompt row), response_id, source, sample_index, reward (NaN = null), check_status, truncated.
+    p (prompt row), response_id, source, sample_index, reward (NaN = null), check_status, truncated
+    (as `load_inputs` returns them).
     """
     import numpy as np
     import pandas as pd
@@ -104,51 +105,68 @@ def select(prompts: pd.DataFrame, resp: pd.DataFrame, build: Build, source_order
     domains = prompts["domain"].to_numpy(dtype=object)
     p = resp["p"].to_numpy(dtype=np.int64)
     reward = resp["reward"].to_numpy(dtype=np.float64)
-    status = resp["check_status"].to_numpy(dtype=object)
     truncated = resp["truncated"].to_numpy(dtype=bool)
-    sources = resp["source"].to_numpy(dtype=object)
-    order = {s: i for i, s in enumerate(source_order)}
-    extra = sorted(set(pd.unique(sources)) - set(order))  # e.g. a data set's own solutions
-    order.update({s: len(source_order) + i for i, s in enumerate(extra)})
-    srank = pd.Series(sources).map(order).to_numpy(dtype=np.int64)
     sample = resp["sample_index"].to_numpy(dtype=np.int64)
-    rid_rank = resp["response_id"].rank(method="first").to_numpy(dtype=np.int64)
-    rdom = domains[p]
+    # strings as small integer codes: comparisons on a million Python strings dominate otherwise
+    src = pd.Categorical(resp["source"])
+    src_code, src_names = src.codes.astype(np.int64), np.asarray(src.categories, dtype=object)
+    order = {s: i for i, s in enumerate(source_order)}
+    extra = sorted(set(src_names) - set(order))  # e.g. a data set's own solutions
+    order.update({s: len(source_order) + i for i, s in enumerate(extra)})
+    srank = np.array([order[s] for s in src_names], dtype=np.int64)[src_code]
+    st = pd.Categorical(resp["check_status"])
+    st_code, st_names = st.codes, np.asarray(st.categories, dtype=object)
+    dom_code, dom_names = pd.factorize(prompts["domain"])
+    rdom = dom_code[p]
+
+    def in_domain(names) -> np.ndarray:
+        return np.isin(rdom, np.flatnonzero(np.isin(np.asarray(dom_names, dtype=object), names)))
+
+    def source_of(rows) -> np.ndarray:
+        return src_names[src_code[rows]]
 
     null = np.isnan(reward)
     trunc = truncated & ~null
     eligible = ~null & ~(trunc if build.drop_truncated else np.zeros_like(trunc))
-    excluded = (
-        pd.DataFrame({"source": sources, "null_reward": null, "truncated": trunc & build.drop_truncated})
-        .groupby("source").agg(responses=("null_reward", "size"), null_reward=("null_reward", "sum"),
-                               truncated=("truncated", "sum"))
-    )
+    excluded = pd.DataFrame({
+        "responses": np.bincount(src_code, minlength=len(src_names)),
+        "null_reward": np.bincount(src_code[null], minlength=len(src_names)),
+        "truncated": np.bincount(src_code[trunc], minlength=len(src_names)) * build.drop_truncated,
+    }, index=pd.Index(src_names, name="source")).sort_index()
 
     good = eligible.copy()
     bad = np.zeros_like(eligible)
     for dom, statuses in GOOD.items():
-        in_dom = rdom == dom
-        good[in_dom] &= np.isin(status[in_dom], statuses)
-        bad[in_dom] = eligible[in_dom] & np.isin(status[in_dom], BAD[dom])
-    pairable = ~np.isin(rdom, SFT_ONLY)
+        in_dom = in_domain([dom])
+        good[in_dom] &= np.isin(st_names, statuses)[st_code[in_dom]]
+        bad[in_dom] = eligible[in_dom] & np.isin(st_names, BAD[dom])[st_code[in_dom]]
+    pairable = ~in_domain(SFT_ONLY)
+
+    rid = resp["response_id"]
+
+    def pick(idx, group, primary, ties):
+        """Per group, the row of idx with the smallest primary; ties by `ties`, then response id.
+
+        Only rows that reach their group's extreme are sorted (hash group-by first): sorting all
+        rows by five keys costs more than the whole rest of the selection."""
+        g, v = group[idx], primary[idx]
+        extreme = pd.Series(v).groupby(g).transform("min").to_numpy()
+        cand = idx[v == extreme]
+        rid_rank = rid.iloc[cand].rank(method="first").to_numpy()
+        cand = cand[np.lexsort((rid_rank, *(t[cand] for t in reversed(ties)), group[cand]))]
+        return cand[_first_of_groups(group[cand])]
 
     # SFT winner per prompt: highest reward, then recipe source order, sample index, response id.
-    idx = np.flatnonzero(good)
-    idx = idx[np.lexsort((rid_rank[idx], sample[idx], srank[idx], -reward[idx], p[idx]))]
-    idx = idx[_first_of_groups(p[idx])]
+    idx = pick(np.flatnonzero(good), p, -reward, [srank, sample])
     sft_pick = np.full(n_prompts, -1, dtype=np.int64)
     sft_pick[p[idx]] = idx
 
     # One candidate pair per (prompt, source): best chosen-pool vs worst rejected-pool response.
     group = p * len(order) + srank
-    idx = np.flatnonzero(good & pairable)
-    idx = idx[np.lexsort((rid_rank[idx], sample[idx], -reward[idx], group[idx]))]
-    chosen = idx[_first_of_groups(group[idx])]
-    reject_pool = bad | (eligible & (rdom == "instruction"))
+    chosen = pick(np.flatnonzero(good & pairable), group, -reward, [sample])
+    reject_pool = bad | (eligible & in_domain(["instruction"]))
     reject_pool[chosen] = False  # a pair is two distinct responses
-    idx = np.flatnonzero(reject_pool & pairable)
-    idx = idx[np.lexsort((rid_rank[idx], sample[idx], reward[idx], group[idx]))]
-    rejected = idx[_first_of_groups(group[idx])]
+    rejected = pick(np.flatnonzero(reject_pool & pairable), group, reward, [sample])
     # both are sorted by group: match them with a merge on the group key
     pos = np.searchsorted(group[rejected], group[chosen])
     pos_ok = pos < len(rejected)
@@ -218,15 +236,15 @@ def select(prompts: pd.DataFrame, resp: pd.DataFrame, build: Build, source_order
     decisions = pd.DataFrame({
         "prompt_id": prompts["prompt_id"].to_numpy(), "dataset": prompts["dataset"].to_numpy(),
         "domain": domains, "assigned": assigned, "reason": reason, "split": split,
-        "source_model": np.where(picked_c >= 0, sources[np.maximum(picked_c, 0)], None),
+        "source_model": np.where(picked_c >= 0, source_of(np.maximum(picked_c, 0)), None),
         "chosen_row": picked_c, "rejected_row": picked_r,
     })
     s = np.flatnonzero(assigned == "sft")
-    sft = pd.DataFrame({"prompt": s, "response": sft_pick[s], "source": sources[sft_pick[s]],
+    sft = pd.DataFrame({"prompt": s, "response": sft_pick[s], "source": source_of(sft_pick[s]),
                         "score": reward[sft_pick[s]], "split": split[s]})
     d = np.flatnonzero(assigned == "dpo")
     dc, dr = pair_c[d], pair_r[d]
-    dpo = pd.DataFrame({"prompt": d, "chosen": dc, "rejected": dr, "source": sources[dc],
+    dpo = pd.DataFrame({"prompt": d, "chosen": dc, "rejected": dr, "source": source_of(dc),
                         "chosen_score": reward[dc], "rejected_score": reward[dr],
                         "margin": reward[dc] - reward[dr], "split": split[d]})
     return Selection(decisions=decisions, sft=sft, dpo=dpo, excluded=excluded)
@@ -252,21 +270,32 @@ def _first_true(mask) -> int:
     return int(np.flatnonzero(np.asarray(mask))[0])
 
 
-def _check_unique(values: pd.Series, path: Path, field: str) -> None:
-    dup = values.duplicated()
-    if dup.any():
+def _arrow_mask(mask) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.fill_null(mask, True).to_numpy(zero_copy_only=False)
+
+
+def _check_unique(values, path: Path, field: str) -> None:
+    import pyarrow.compute as pc
+
+    if pc.count_distinct(values, mode="all").as_py() != len(values):
+        dup = values.to_pandas().duplicated()
         row = _first_true(dup)
-        _fail(path, row, field, f"{values.iloc[row]!r} appears twice")
+        _fail(path, row, field, f"{values[row].as_py()!r} appears twice")
 
 
 def load_inputs(run: Path) -> tuple[pa.Table, pa.Table, pd.DataFrame, pd.DataFrame]:
-    """Read and cross-check prompts, responses and scores.
+    """Read and cross-check prompts, responses and scores (Arrow compute: hash joins in C).
 
     Returns the prompts and responses tables and two frames for `select`: prompts (prompt_id,
-    dataset, domain) and one row per score with p (prompt row) and r (response row) added.
+    dataset, domain) and one row per score: p (prompt row), r (response row), response_id,
+    source and check_status (categorical), sample_index, reward (NaN = null), truncated.
     """
     import numpy as np
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     from fusechat.recipe import DOMAINS
 
@@ -275,61 +304,74 @@ def load_inputs(run: Path) -> tuple[pa.Table, pa.Table, pd.DataFrame, pd.DataFra
     for name, cols in (("prompts", PROMPT_COLUMNS), ("responses", RESPONSE_COLUMNS), ("scores", SCORE_COLUMNS)):
         _require(tables[name], paths[name], cols)
     prompts_t, responses_t, scores_t = tables["prompts"], tables["responses"], tables["scores"]
+    pp, rp, sp = paths["prompts"], paths["responses"], paths["scores"]
 
-    pp = paths["prompts"]
-    prompts = prompts_t.select(["prompt_id", "dataset", "domain"]).to_pandas()
-    _check_unique(prompts["prompt_id"], pp, "prompt_id")
-    bad_dom = ~prompts["domain"].isin(DOMAINS)
-    if bad_dom.any():
-        row = _first_true(bad_dom)
-        _fail(pp, row, "domain", f"{prompts['domain'].iloc[row]!r} is not one of {', '.join(DOMAINS)}")
-    null_msgs = prompts_t.column("messages").is_null().to_numpy(zero_copy_only=False)
+    def col(table, name):
+        return table.column(name).combine_chunks()
+
+    pid = col(prompts_t, "prompt_id")
+    _check_unique(pid, pp, "prompt_id")
+    bad = _arrow_mask(pc.invert(pc.is_in(col(prompts_t, "domain"), value_set=pa.array(DOMAINS))))
+    if bad.any():
+        row = _first_true(bad)
+        _fail(pp, row, "domain", f"{prompts_t['domain'][row].as_py()!r} is not one of {', '.join(DOMAINS)}")
+    null_msgs = _arrow_mask(pc.is_null(col(prompts_t, "messages")))
     if null_msgs.any():
         _fail(pp, _first_true(null_msgs), "messages", "is null")
 
-    rp = paths["responses"]
-    responses = responses_t.select(["response_id", "prompt_id", "source", "sample_index"]).to_pandas()
-    _check_unique(responses["response_id"], rp, "response_id")
-
-    sp = paths["scores"]
-    scores = scores_t.select(list(SCORE_COLUMNS) + (["domain"] if "domain" in scores_t.column_names else [])).to_pandas()
-    _check_unique(scores["response_id"], sp, "response_id")
-    r = pd.Index(responses["response_id"]).get_indexer(scores["response_id"])
-    if (r < 0).any():
-        row = _first_true(r < 0)
-        _fail(sp, row, "response_id", f"{scores['response_id'].iloc[row]!r} is not in {rp}")
+    rid_resp = col(responses_t, "response_id")
+    _check_unique(rid_resp, rp, "response_id")
+    rid = col(scores_t, "response_id")
+    r = pc.index_in(rid, value_set=rid_resp)
+    missing = _arrow_mask(pc.is_null(r))
+    if missing.any():
+        row = _first_true(missing)
+        _fail(sp, row, "response_id", f"{rid[row].as_py()!r} is not in {rp}")
+    r = r.to_numpy(zero_copy_only=False).astype(np.int64)
+    # response ids are unique in responses, so a repeat in scores shows as a response hit twice
+    twice = np.bincount(r, minlength=len(rid_resp))[r] > 1
+    if twice.any():
+        row = int(np.flatnonzero(twice)[1])
+        _fail(sp, row, "response_id", f"{rid[row].as_py()!r} appears twice")
+    r_idx = pa.array(r)
     for field in ("prompt_id", "source"):
-        differs = scores[field].to_numpy() != responses[field].to_numpy()[r]
+        ours, theirs = col(scores_t, field), col(responses_t, field).take(r_idx)
+        differs = _arrow_mask(pc.not_equal(ours, theirs))
         if differs.any():
             row = _first_true(differs)
-            _fail(sp, row, field, f"{scores[field].iloc[row]!r} but {rp} row {r[row]} (same response_id) "
-                  f"says {responses[field].iloc[r[row]]!r}: prompts and responses are misaligned")
-    p = pd.Index(prompts["prompt_id"]).get_indexer(scores["prompt_id"])
-    if (p < 0).any():
-        row = _first_true(p < 0)
-        _fail(sp, row, "prompt_id", f"{scores['prompt_id'].iloc[row]!r} is not in {pp}")
-    if "domain" in scores:
-        differs = scores["domain"].to_numpy() != prompts["domain"].to_numpy()[p]
+            _fail(sp, row, field, f"{ours[row].as_py()!r} but {rp} row {r[row]} (same response_id) "
+                  f"says {theirs[row].as_py()!r}: prompts and responses are misaligned")
+    p = pc.index_in(col(scores_t, "prompt_id"), value_set=pid)
+    missing = _arrow_mask(pc.is_null(p))
+    if missing.any():
+        row = _first_true(missing)
+        _fail(sp, row, "prompt_id", f"{scores_t['prompt_id'][row].as_py()!r} is not in {pp}")
+    p = p.to_numpy(zero_copy_only=False).astype(np.int64)
+    if "domain" in scores_t.column_names:
+        ours, theirs = col(scores_t, "domain"), col(prompts_t, "domain").take(pa.array(p))
+        differs = _arrow_mask(pc.not_equal(ours, theirs))
         if differs.any():
             row = _first_true(differs)
-            _fail(sp, row, "domain", f"{scores['domain'].iloc[row]!r} but the prompt's domain is "
-                  f"{prompts['domain'].iloc[p[row]]!r}")
-    reward = scores["reward"].to_numpy(dtype=np.float64, na_value=np.nan)
+            _fail(sp, row, "domain", f"{ours[row].as_py()!r} but the prompt's domain is {theirs[row].as_py()!r}")
+    reward = col(scores_t, "reward").cast(pa.float64()).to_numpy(zero_copy_only=False)
     if np.isinf(reward).any():
         _fail(sp, _first_true(np.isinf(reward)), "reward", "is infinite")
-    bad_status = ~scores["check_status"].isin(CHECK_STATUSES)
-    if bad_status.any():
-        row = _first_true(bad_status)
-        _fail(sp, row, "check_status", f"{scores['check_status'].iloc[row]!r} is not one of "
-              f"{', '.join(CHECK_STATUSES)}")
-    if scores["truncated"].isna().any():
-        _fail(sp, _first_true(scores["truncated"].isna()), "truncated", "is null")
-    sample = responses["sample_index"].to_numpy()[r]
+    status = col(scores_t, "check_status")
+    bad = _arrow_mask(pc.invert(pc.is_in(status, value_set=pa.array(CHECK_STATUSES))))
+    if bad.any():
+        row = _first_true(bad)
+        _fail(sp, row, "check_status", f"{status[row].as_py()!r} is not one of {', '.join(CHECK_STATUSES)}")
+    truncated = col(scores_t, "truncated")
+    if truncated.null_count:
+        _fail(sp, _first_true(_arrow_mask(pc.is_null(truncated))), "truncated", "is null")
     resp = pd.DataFrame({
-        "p": p, "r": r, "response_id": scores["response_id"].to_numpy(), "source": scores["source"].to_numpy(),
-        "sample_index": sample, "reward": reward, "check_status": scores["check_status"].to_numpy(),
-        "truncated": scores["truncated"].to_numpy(dtype=bool),
+        "p": p, "r": r, "response_id": rid.to_pandas(),
+        "source": col(scores_t, "source").dictionary_encode().to_pandas(),
+        "sample_index": col(responses_t, "sample_index").take(r_idx).to_numpy(zero_copy_only=False),
+        "reward": reward, "check_status": status.dictionary_encode().to_pandas(),
+        "truncated": truncated.to_numpy(zero_copy_only=False),
     })
+    prompts = prompts_t.select(["prompt_id", "dataset", "domain"]).to_pandas()
     return prompts_t, responses_t, prompts, resp
 
 

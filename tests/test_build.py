@@ -279,6 +279,7 @@ def _rewrite(run: Path, name: str, column: str, row: int, value) -> None:
 @pytest.mark.parametrize("name, column, row, value, message", [
     ("scores", "prompt_id", 3, "I9", r"scores\.parquet: row 3: field prompt_id: 'I9' but .*responses\.parquet row 3"),
     ("scores", "response_id", 2, "nope", r"scores\.parquet: row 2: field response_id: 'nope' is not in"),
+    ("scores", "response_id", 3, "I1-a-0", r"scores\.parquet: row 3: field response_id: 'I1-a-0' appears twice"),
     ("scores", "check_status", 5, "maybe", r"scores\.parquet: row 5: field check_status: 'maybe'"),
     ("scores", "reward", 4, float("inf"), r"scores\.parquet: row 4: field reward: is infinite"),
     ("prompts", "domain", 1, "poetry", r"prompts\.parquet: row 1: field domain: 'poetry'"),
@@ -296,3 +297,36 @@ def test_chinese_cannot_be_split(tmp_path):
     write_run(tmp_path)
     with pytest.raises(RecipeError, match="sft_fraction.chinese"):
         run_build(make_recipe(tmp_path, sft_fraction={"chinese": 0.5}))
+
+
+def _bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_build.py"
+    spec = importlib.util.spec_from_file_location("bench_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("build", [
+    {"pair_policy": "best_chosen"},
+    {"pair_policy": "largest_margin", "drop_truncated": False},
+    {"pair_policy": "smallest_margin", "sft_fraction": {"instruction": 0.4, "code": 0.5}},
+    {"pair_policy": "source_order", "band": {"low": 0.0, "high": 0.05}},
+], ids=["best_chosen", "largest_margin", "smallest_margin", "source_order"])
+def test_vectorised_selection_matches_a_row_by_row_loop(tmp_path, build):
+    bench = _bench()
+    bench.make_run(tmp_path, n_prompts=1500, n_sources=3, n_samples=4, seed=7, decimals=2)  # many ties
+    # two responses per sample index (as from two sampling settings): ties down to the response id
+    responses = pq.read_table(tmp_path / "responses" / "responses.parquet")
+    halved = pa.array([k // 2 for k in responses["sample_index"].to_pylist()], pa.int64())
+    pq.write_table(responses.set_column(responses.schema.get_field_index("sample_index"), "sample_index", halved),
+                   tmp_path / "responses" / "responses.parquet")
+    recipe = bench.bench_recipe(tmp_path, 3, **build)
+    order = [s.name for s in recipe.sources]
+    vec, _ = bench.vector_decisions(tmp_path, recipe.build, order)
+    loop, _ = bench.loop_select(tmp_path, recipe.build, order, None)
+    assert vec == loop
+    assigned = {a for a, *_ in vec.values()}
+    assert assigned == {"sft", "dpo", "dropped"}
