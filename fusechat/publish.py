@@ -13,6 +13,7 @@ sizes, target repository) and uploads nothing.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,7 +114,7 @@ def _card(recipe: Recipe, kind: str, splits: dict[str, object], build: dict, plo
 
 
 def write_hub_folders(recipe: Recipe) -> tuple[dict[str, Path], int]:
-    """Write hub/{sft,dpo}; returns the folders and the number of rows written."""
+    """Write hub/{sft,dpo} (a set without rows gets no folder); returns the folders and rows written."""
     out = stage_dir(recipe, "datasets")
     build = load_manifest(out)
     if build.get("recipe_hash") != recipe.content_hash():
@@ -135,6 +136,9 @@ def write_hub_folders(recipe: Recipe) -> tuple[dict[str, Path], int]:
                 rows += table.num_rows
             elif dest.exists():
                 dest.unlink()
+        if not splits:  # nothing to publish (e.g. a Chinese-only run has no pairs)
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
         for p in plots:
             atomic_write_bytes(folder / "plots" / p.name, p.read_bytes())
         card = _card(recipe, kind, splits, build, [f"plots/{p.name}" for p in plots])
@@ -159,7 +163,7 @@ def run_publish(recipe: Recipe, dry_run: bool | None = None) -> Manifest:
     manifest.models = load_manifest(out)["models"]
 
     prefix = recipe.build.hub_repo_prefix
-    targets = {k: f"{prefix}-{k}" if prefix else f"(set build.hub_repo_prefix)-{k}" for k in KINDS}
+    targets = {k: f"{prefix}-{k}" if prefix else f"(set build.hub_repo_prefix)-{k}" for k in folders}
     reason = "dry run requested" if dry_run else blocker
     uploaded: dict[str, str] = {}
     if reason is None:

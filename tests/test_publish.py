@@ -77,3 +77,14 @@ def test_upload_needs_a_repository_and_a_current_build(built, tmp_path):
     # another recipe hash than the build's: the folder would misstate provenance
     with pytest.raises(RecipeError, match="run `fusechat build` again"):
         run_publish(make_recipe(tmp_path, test_fraction=0.3))
+
+
+def test_a_set_without_rows_gets_no_folder(tmp_path):
+    write_run(tmp_path, {"Z1": ("zh", "chinese", {"b": [.4]}), "Z2": ("zh", "chinese", {"b": [.3]})})
+    recipe = make_recipe(tmp_path)
+    run_build(recipe)
+    m = run_publish(recipe)
+    hub = tmp_path / "datasets" / "hub"
+    assert (hub / "sft" / "data" / "train-00000-of-00001.parquet").is_file() and not (hub / "dpo").exists()
+    assert (m.rows_in, m.rows_out, list(m.extra["targets"])) == (2, 2, ["sft"])
+    assert "language:\n- en\n- zh" in (hub / "sft" / "README.md").read_text()
