@@ -47,6 +47,9 @@ def build_trainer(recipe: Recipe, out: Path, manifest: Manifest | None = None, *
 
     cfg = recipe.dpo
     base = sft_model(recipe)
+    # settings first: a bad batch size or device choice fails before any data is read
+    kwargs = common.config_kwargs(cfg, out, "dpo")
+    peft = common.peft_config(cfg, "dpo", kwargs["model_init_kwargs"])
     tokenizer = common.load_tokenizer(str(base))
     # DPOTrainer pads prompts on the left for its own generation; its collator pads right itself.
     tokenizer.padding_side = "left"
@@ -70,8 +73,6 @@ def build_trainer(recipe: Recipe, out: Path, manifest: Manifest | None = None, *
         )
         counts[split]["rows"] = len(ds)
 
-    kwargs = common.config_kwargs(cfg, out, "dpo")
-    peft = common.peft_config(cfg, "dpo", kwargs["model_init_kwargs"])
     has_test = "test" in splits
     kwargs.update(
         beta=cfg.beta,

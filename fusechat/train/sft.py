@@ -53,6 +53,11 @@ def build_trainer(recipe: Recipe, out: Path, manifest: Manifest | None = None, *
 
     cfg = recipe.sft
     base = recipe.resolve(recipe.target.model)
+    # settings first: a bad batch size or device choice fails before any data is read
+    kwargs = common.config_kwargs(cfg, out, "sft")
+    if recipe.target.revision:
+        kwargs["model_init_kwargs"]["revision"] = recipe.target.revision
+    peft = common.peft_config(cfg, "sft", kwargs["model_init_kwargs"])
     tokenizer = common.load_tokenizer(base, recipe.target.revision)
     template = training_chat_template(tokenizer, base) if cfg.assistant_only_loss else None
 
@@ -70,10 +75,6 @@ def build_trainer(recipe: Recipe, out: Path, manifest: Manifest | None = None, *
         )
         counts[split]["rows"] = len(ds)
 
-    kwargs = common.config_kwargs(cfg, out, "sft")
-    if recipe.target.revision:
-        kwargs["model_init_kwargs"]["revision"] = recipe.target.revision
-    peft = common.peft_config(cfg, "sft", kwargs["model_init_kwargs"])
     kwargs.update(
         packing=cfg.packing,
         packing_strategy="bfd",
