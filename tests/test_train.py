@@ -278,3 +278,22 @@ def test_bad_rows_and_settings_are_clear_errors(tiny_models, tmp_path, monkeypat
     write_split(sft_rows(4), run / "datasets" / "sft" / "train.parquet")
     with pytest.raises(RecipeError, match="QLoRA needs a CUDA device"):
         run_sft(r)
+
+
+def test_lora_sft_writes_a_merged_plain_model(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fusechat.train.sft import run_sft
+
+    model = tiny_models["mistral"]
+    r, run = _recipe(tmp_path, model, "mistral", sft={"max_length": 256, "lora": {"r": 4, "alpha": 8}})
+    write_datasets(run, sft=(16, 0), dpo=(0, 0))
+    run_sft(r)
+    out = run / "models" / "sft"
+    assert (out / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out)  # a plain folder: no peft needed to load it
+    assert not hasattr(merged, "peft_config")
+    base, tuned = _tensors(model), _tensors(out)
+    assert set(base) == set(tuned)
+    changed = [k for k in base if (base[k] - tuned[k]).abs().max() > 0]
+    assert changed and all("proj" in k for k in changed)  # only the adapted linear layers moved
