@@ -31,6 +31,8 @@ the manifest balances prompts in = SFT rows + DPO rows + dropped by reason.
 
 from __future__ import annotations
 
+from fusechat.errors import FusechatError
+
 import hashlib
 import time
 from dataclasses import dataclass
@@ -250,7 +252,7 @@ def select(prompts: pd.DataFrame, resp: pd.DataFrame, build: Build, source_order
     return Selection(decisions=decisions, sft=sft, dpo=dpo, excluded=excluded)
 
 
-class InputError(ValueError):
+class InputError(FusechatError, ValueError):
     """A table the build cannot use; the message names the file, the row and the field."""
 
 

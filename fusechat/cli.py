@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from fusechat.errors import FusechatError
 from fusechat.recipe import RecipeError, load_recipe
 
 app = typer.Typer(
@@ -71,7 +72,7 @@ def _run_stage(stage: str, recipe: str, run_dir: str | None, **kwargs) -> None:
         _fail(f"fusechat {stage}: this stage is not built yet in fusechat; nothing was run")
     try:
         fn(r, **kwargs)
-    except RecipeError as e:
+    except FusechatError as e:
         _fail(str(e))
 
 
@@ -87,13 +88,25 @@ for _stage, _doc in {
     "sample": "Sample responses from every source model (prompts -> responses).",
     "score": "Score responses: reward model, math answers, code tests (responses -> scores).",
     "build": "Build the SFT and DPO data sets by the selection rules (scores -> datasets).",
-    "publish": "Write the data sets in hub layout with cards; upload when a token is set.",
     "sft": "Supervised fine-tuning of the target on the SFT set.",
     "dpo": "DPO of the SFT model on the DPO set.",
     "eval": "Evaluate sources and targets on the held-out sets.",
     "run": "Run every stage in order (the whole recipe).",
 }.items():
     _stage_command(_stage, _doc)
+
+
+@app.command("publish")
+def publish(
+    recipe: RecipeArg,
+    run_dir: RunDirOpt = None,
+    dry_run: Annotated[
+        Optional[bool],
+        typer.Option("--dry-run/--upload", help="only show what would be uploaded / require an upload; default: upload when a token and network are available"),
+    ] = None,
+) -> None:
+    """Write the data sets in hub layout with cards; upload them when a token is set."""
+    _run_stage("publish", recipe, run_dir, dry_run=dry_run)
 
 
 @recipe_app.command("validate")

@@ -8,6 +8,8 @@ field path (`sources[1].sampling.top_p`), so a user can fix the YAML without rea
 
 from __future__ import annotations
 
+from fusechat.errors import FusechatError
+
 import hashlib
 import json
 from pathlib import Path
@@ -20,7 +22,7 @@ Domain = Literal["instruction", "math", "code", "chinese"]
 Family = Literal["llama3", "qwen2", "gemma2", "mistral"]
 
 
-class RecipeError(ValueError):
+class RecipeError(FusechatError, ValueError):
     """A recipe that cannot be used; the message names the file and the field path."""
 
 

@@ -9,6 +9,8 @@ taken: docs/prompts.md.
 
 from __future__ import annotations
 
+from fusechat.errors import FusechatError
+
 import ast
 import re
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from typing import Any, Callable
 from fusechat.prompts import leetcode
 
 
-class BadValue(ValueError):
+class BadValue(FusechatError, ValueError):
     """One row's value cannot be used; `column` names the field."""
 
     def __init__(self, column: str, why: str):

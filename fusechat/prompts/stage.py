@@ -15,6 +15,8 @@ balances and counts both per data set.
 
 from __future__ import annotations
 
+from fusechat.errors import FusechatError
+
 import json
 import random
 from pathlib import Path
@@ -34,7 +36,7 @@ REASONS = (
 )
 
 
-class PromptDataError(ValueError):
+class PromptDataError(FusechatError, ValueError):
     """A prompt data set that cannot be read; the message names the data set, row and column."""
 
 
