@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fusechat.recipe import load_recipe
-from fusechat.scoring.stage import COLUMNS, run_score
+from fusechat.scoring.stage import COLUMNS, ScoreInputError, run_score
 
 MSG = pa.struct([("role", pa.string()), ("content", pa.string())])
 
@@ -195,7 +195,7 @@ def test_bad_tables_are_named(tmp_path, tiny_armorm):
         run_score(recipe)
     pq.write_table(t, prompts)
     shutil.rmtree(tmp_path / "run" / "responses")
-    with pytest.raises(FileNotFoundError, match="responses.parquet: missing"):
+    with pytest.raises(ScoreInputError, match="responses.parquet: missing"):
         run_score(recipe)
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fusechat.errors import FusechatError
+
 OBJECTIVES = (
     "helpsteer-helpfulness", "helpsteer-correctness", "helpsteer-coherence", "helpsteer-complexity",
     "helpsteer-verbosity", "ultrafeedback-overall_score", "ultrafeedback-instruction_following",
@@ -78,10 +80,14 @@ class ArmoRM(nn.Module):
         return score, rewards
 
 
+class CheckpointError(FusechatError, ValueError):
+    """A reward-model folder that is not in ArmoRM's layout; names the file and the keys."""
+
+
 def gating_pattern_ids(tokenizer) -> list[int]:
     ids = tokenizer(GATING_PATTERN, add_special_tokens=False)["input_ids"]
     if ids[0] != tokenizer.convert_tokens_to_ids("<|eot_id|>"):
-        raise ValueError(
+        raise CheckpointError(
             f"tokenizer of {getattr(tokenizer, 'name_or_path', '?')} has no <|eot_id|> token: "
             "ArmoRM needs the Llama-3 chat format"
         )
@@ -109,7 +115,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(path / f)))
@@ -124,17 +130,17 @@ def load_armorm(path: str | Path, dtype: torch.dtype = torch.float32, device: st
     path = Path(path)
     config = LlamaConfig.from_pretrained(path)
     if ARCHITECTURE not in (config.architectures or []):
-        raise ValueError(f"{path}/config.json: architectures {config.architectures}, expected {ARCHITECTURE!r}")
+        raise CheckpointError(f"{path}/config.json: architectures {config.architectures}, expected {ARCHITECTURE!r}")
     for key in ("num_objectives", "gating_temperature", "gating_hidden_dim", "gating_n_hidden"):
         if not hasattr(config, key):
-            raise ValueError(f"{path}/config.json: missing ArmoRM field {key!r}")
+            raise CheckpointError(f"{path}/config.json: missing ArmoRM field {key!r}")
     with torch.device("meta"):  # no random initialisation of 8B parameters that are overwritten anyway
         model = ArmoRM(config)
     state = _read_state_dict(path)
     expected = set(model.state_dict())
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: checkpoint does not match the ArmoRM layout: "
             f"{len(missing)} missing key(s) {missing[:10]}, {len(extra)} unexpected key(s) {extra[:10]}"
         )

@@ -24,6 +24,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fusechat.errors import FusechatError
 from fusechat.run import Manifest, read_table, stable_hash, stage_dir, write_table
 
 if TYPE_CHECKING:
@@ -61,25 +62,36 @@ def _check_schema():
                       ("check_detail", pa.string())])
 
 
+class ScoreInputError(FusechatError, ValueError):
+    """A prompts or responses table the stage cannot use; names the file, row and field."""
+
+
+def _read(path: Path):
+    try:
+        return read_table(path)
+    except FileNotFoundError as e:
+        raise ScoreInputError(str(e)) from None
+
+
 def _require(table, columns: tuple[str, ...], path: Path) -> None:
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; present: {', '.join(table.column_names)}")
+        raise ScoreInputError(f"{path}: missing column(s) {', '.join(missing)}; present: {', '.join(table.column_names)}")
 
 
 def _load_prompts(path: Path) -> dict[str, dict[str, Any]]:
-    table = read_table(path)
+    table = _read(path)
     _require(table, PROMPT_COLUMNS, path)
     prompts: dict[str, dict[str, Any]] = {}
     for row, p in enumerate(table.select(list(PROMPT_COLUMNS)).to_pylist()):
         if p["prompt_id"] in prompts:
-            raise ValueError(f"{path}: row {row}: prompt_id {p['prompt_id']!r} appears twice")
+            raise ScoreInputError(f"{path}: row {row}: prompt_id {p['prompt_id']!r} appears twice")
         try:
             p["meta"] = json.loads(p["meta"]) if p["meta"] else {}
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: row {row}: field meta is not valid JSON ({e})") from None
+            raise ScoreInputError(f"{path}: row {row}: field meta is not valid JSON ({e})") from None
         if not isinstance(p["messages"], list) or not p["messages"]:
-            raise ValueError(f"{path}: row {row}: field messages is empty")
+            raise ScoreInputError(f"{path}: row {row}: field messages is empty")
         prompts[p["prompt_id"]] = p
     return prompts
 
@@ -91,7 +103,7 @@ def _load_rows(recipe: Recipe, manifest: Manifest) -> list[dict[str, Any]]:
     run = recipe.run_path()
     prompts = _load_prompts(run / "prompts" / "prompts.parquet")
     path = run / "responses" / "responses.parquet"
-    table = read_table(path)
+    table = _read(path)
     _require(table, RESPONSE_COLUMNS, path)
     manifest.rows_in = table.num_rows
     # read text as bytes: a writer that put non-UTF-8 bytes in the column must not stop the stage
