@@ -204,6 +204,27 @@ def test_assistant_mask_covers_exactly_the_assistant_turns(family):
     assert [tok.decode(run) for run in runs] == expected
 
 
+def test_trl_assistant_only_loss_trains_on_assistant_turns_only(tiny_models, tmp_path):
+    import math
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    for family in FAMILIES:
+        tok, model = _load(tiny_models[family])
+        args = SFTConfig(
+            output_dir=str(tmp_path / family), use_cpu=True, bf16=False, gradient_checkpointing=False,
+            assistant_only_loss=True, max_steps=1, per_device_train_batch_size=2, report_to=[],
+            save_strategy="no", disable_tqdm=True,
+        )
+        data = Dataset.from_list([{"messages": CONVERSATION}] * 2)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+        labels = [t for t in trainer.train_dataset[0]["labels"] if t != -100]
+        expected = "".join(_assistant_span(family, m["content"]) for m in CONVERSATION if m["role"] == "assistant")
+        assert tok.decode(labels) == expected, family
+        assert math.isfinite(trainer.train().training_loss)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_config_stops_at_end_of_turn(tiny_models, family):
     from transformers import AutoConfig, GenerationConfig
