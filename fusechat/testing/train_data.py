@@ -21,9 +21,14 @@ def _prompt(rng: random.Random) -> str:
     return f"Tell me about the {rng.choice(WORDS)} and the {rng.choice(WORDS)}."
 
 
-def sft_rows(n: int, seed: int = 0, multi_turn_every: int = 3, long_every: int = 0) -> list[dict[str, Any]]:
+def sft_rows(
+    n: int, seed: int = 0, multi_turn_every: int = 3, long_every: int = 0,
+    answer_words: tuple[int, int] | None = None,
+) -> list[dict[str, Any]]:
     """Conversations; every `multi_turn_every`-th has two user/assistant rounds, every
-    `long_every`-th (when > 0) a very long answer, to exercise the length policy."""
+    `long_every`-th (when > 0) a very long answer, to exercise the length policy.
+    `answer_words=(lo, hi)` gives first answers of random length instead (realistic padding for
+    throughput measurements)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -39,6 +44,8 @@ def sft_rows(n: int, seed: int = 0, multi_turn_every: int = 3, long_every: int =
             ]
         if long_every and i % long_every == long_every - 1:
             messages[1]["content"] = " ".join(rng.choice(WORDS) for _ in range(400))
+        if answer_words:
+            messages[1]["content"] = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*answer_words)))
         rows.append({
             "messages": messages, "prompt_id": f"p{seed}-{i}", "dataset": "tiny", "domain": "instruction",
             "source_model": "tiny", "score": rng.random(),
