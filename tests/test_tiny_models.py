@@ -342,6 +342,8 @@ def test_vllm_generates_and_matches_transformers_log_probs(tiny_models, family, 
     # The engine core runs inside the probe process: same model code, one interpreter start instead
     # of three (about 20 s instead of 60-80 s per family on two loaded cores).
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # VLLM_CPU_OMP_THREADS_BIND stays at its default ("auto": compute on one core, one reserved), which
+    # leaves a core to the other test processes sharing the machine.
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(tmp_path / "probe.py"), str(tiny_models[family]), str(tmp_path / "ids.json"),
