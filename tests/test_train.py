@@ -243,9 +243,11 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(tiny_models, tmp_path)
             self.steps.append(state.global_step)
 
     r = load_recipe(recipe)
-    trainer, _, _ = build_trainer(r, tmp_path / "run" / "models" / "sft")
+    trainer, paths, _ = build_trainer(r, tmp_path / "run" / "models" / "sft")
     trainer.add_callback(Steps)
-    _, resumed = common.train_resuming(trainer)
+    with pytest.raises(RecipeError, match="checkpoints of a run with other settings or data"):
+        common.train_resuming(trainer, "another run")
+    _, resumed = common.train_resuming(trainer, common.run_key(r.sft, r.resolve(r.target.model), paths))
     assert resumed == step
     assert Steps.steps == list(range(step + 1, 41))  # continued after the checkpoint, not from 0
 

@@ -245,15 +245,33 @@ def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def train_resuming(trainer) -> tuple[Any, int]:
+def train_resuming(trainer, key: str) -> tuple[Any, int]:
     """Train, resuming from the newest complete checkpoint when one exists (an interrupted run
     continues where it stopped when the same command runs again). Returns the output and the step
-    it resumed from (0 for a fresh start)."""
-    last = last_complete_checkpoint(Path(trainer.args.output_dir))
+    it resumed from (0 for a fresh start).
+
+    `key` identifies what the checkpoints are of (settings + data); checkpoints of another key are
+    an error rather than a silent resume of a different run."""
+    ckpt_dir = Path(trainer.args.output_dir)
+    marker = ckpt_dir / "fusechat-run-key.txt"
+    last = last_complete_checkpoint(ckpt_dir)
+    if last and marker.exists() and marker.read_text().strip() != key:
+        raise RecipeError(
+            f"{ckpt_dir}: checkpoints of a run with other settings or data; move them away to start over"
+        )
+    if trainer.accelerator.is_main_process:
+        atomic_write_bytes(marker, key.encode())
     resumed = int(last.name.split("-")[-1]) if last else 0
     if last:
         log(f"resuming from {last} (step {resumed})")
     return trainer.train(resume_from_checkpoint=str(last) if last else None), resumed
+
+
+def run_key(cfg: Training, model: str, data: dict[str, Path]) -> str:
+    """What a run's checkpoints depend on: the stage's settings, the starting model, the data."""
+    from fusechat.run import stable_hash
+
+    return stable_hash(cfg.model_dump(mode="json"), model, {s: file_sha256(p) for s, p in data.items()})
 
 
 def gather_ranks(trainer) -> list[int]:

@@ -127,7 +127,10 @@ def run_dpo(recipe: Recipe) -> Manifest:
     trainer, paths, counts = build_trainer(recipe, out, manifest)
     common.log(f"dpo: {len(trainer.train_dataset)} training pairs")
 
-    result, resumed = common.train_resuming(trainer)
+    # the SFT manifest changes whenever the SFT model is retrained into the same folder
+    sft_id = f"{base}@{common.file_sha256(base / 'manifest.json')}" if (base / "manifest.json").exists() else str(base)
+    key = common.run_key(recipe.dpo, sft_id, paths)
+    result, resumed = common.train_resuming(trainer, key)
     metrics: dict[str, Any] = dict(result.metrics)
     chosen, candidates = select_checkpoint(trainer, cfg.keep_best_of_last, cfg.select_by)
     if chosen.name != f"checkpoint-{trainer.state.global_step}":

@@ -102,7 +102,8 @@ def run_sft(recipe: Recipe) -> Manifest:
     trainer, paths, counts = build_trainer(recipe, out, manifest)
     common.log(f"sft: {len(trainer.train_dataset)} training sequences from {manifest.rows_out} rows")
 
-    result, resumed = common.train_resuming(trainer)
+    key = common.run_key(recipe.sft, str(base), paths)
+    result, resumed = common.train_resuming(trainer, key)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
