@@ -67,6 +67,26 @@ def test_loss_covers_exactly_the_assistant_turns(tiny_models, tmp_path, family):
     assert sorted(texts) == sorted(expected)
 
 
+def test_packed_conversations_do_not_see_each_other(tiny_models, tmp_path):
+    """The loss of a packed batch equals that of the same conversations padded one per row: packed
+    sequences are isolated from each other (a model called with its KV cache on would let them
+    attend across boundaries)."""
+    import torch
+
+    from fusechat.train.sft import build_trainer
+
+    r, run = _recipe(tmp_path, tiny_models["llama3"], "llama3", sft={"max_length": 512})
+    write_split(sft_rows(10, seed=4), run / "datasets" / "sft" / "train.parquet")
+    losses = {}
+    for packing in (True, False):
+        trainer, _, _ = build_trainer(r, run / "models" / "sft", packing=packing)
+        ds = trainer.train_dataset
+        batch = trainer.data_collator([ds[i] for i in range(len(ds))])
+        with torch.no_grad():
+            losses[packing] = trainer.compute_loss(trainer.model.eval(), batch).item()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
 def test_length_normalized_dpo_loss_matches_hand_computation(tiny_models, tmp_path):
     import torch
     import torch.nn.functional as F
@@ -132,7 +152,7 @@ def test_sft_then_dpo_end_to_end(tiny_models, tmp_path):
 
     model = tiny_models["llama3"]
     r, run = _recipe(
-        tmp_path, model, "llama3", sft={"max_length": 256},
+        tmp_path, model, "llama3", sft={"max_length": 256, "report_to": ["tensorboard"]},
         dpo={"max_length": 256, "loss_type": "sigmoid_norm", "beta": 2.0, "save_steps": 5},
     )
     write_datasets(run, sft=(48, 8), dpo=(64, 16), long_every=8)
@@ -141,6 +161,7 @@ def test_sft_then_dpo_end_to_end(tiny_models, tmp_path):
     assert m_sft.dropped["longer_than_max_length"] == 6  # one long answer in 8, dropped and counted
     assert m_sft.rows_in == 48 == m_sft.rows_out + sum(m_sft.dropped.values())
     sft_dir = run / "models" / "sft"
+    assert list((sft_dir / "checkpoints").glob("runs/*/events.out.tfevents.*"))  # report_to: tensorboard
     base, sft = _tensors(model), _tensors(sft_dir)
     assert any((base[k] - sft[k]).abs().max() > 0 for k in base)
 
