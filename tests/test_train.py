@@ -280,6 +280,8 @@ def test_bad_rows_and_settings_are_clear_errors(tiny_models, tmp_path, monkeypat
     from fusechat.train.sft import run_sft
 
     r, run = _recipe(tmp_path, tiny_models["llama3"], "llama3")
+    with pytest.raises(RecipeError, match=r"sft/train.parquet: missing; run `fusechat build` first"):
+        run_sft(r)
     rows = sft_rows(4)
     rows[2]["messages"] = [{"role": "user", "content": "hi"}]
     write_split(rows, run / "datasets" / "sft" / "train.parquet")
@@ -320,3 +322,19 @@ def test_lora_sft_writes_a_merged_plain_model(tiny_models, tmp_path):
     assert set(base) == set(tuned)
     changed = [k for k in base if (base[k] - tuned[k]).abs().max() > 0]
     assert changed and all("proj" in k for k in changed)  # only the adapted linear layers moved
+
+
+def test_preference_rows_are_checked_field_by_field():
+    from fusechat.train.common import check_dpo_row
+
+    good = dpo_rows(1)[0]
+    check_dpo_row(good, "x")
+    bad = dict(good, chosen=[{"role": "user", "content": "blue."}])
+    with pytest.raises(RecipeError, match=r"f.parquet: row 7: chosen\[0\]: expected \{role: assistant"):
+        check_dpo_row(bad, "f.parquet: row 7")
+    bad = dict(good, prompt=good["prompt"] + good["chosen"])
+    with pytest.raises(RecipeError, match="prompt: the last message must be a user turn"):
+        check_dpo_row(bad, "f.parquet: row 0")
+    bad = dict(good, rejected=good["rejected"] * 2)
+    with pytest.raises(RecipeError, match="rejected: expected exactly one non-empty assistant message"):
+        check_dpo_row(bad, "f.parquet: row 0")

@@ -86,9 +86,11 @@ def load_split(path: Path, columns: tuple[str, ...], check, cache_dir: Path) -> 
     every row checked first: a bad row is an error naming the file, the row and the field."""
     from datasets import Dataset
 
-    from fusechat.run import read_table
+    import pyarrow.parquet as pq
 
-    table = read_table(path)
+    if not path.exists():
+        raise RecipeError(f"{path}: missing; run `fusechat build` first")
+    table = pq.read_table(path)
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise RecipeError(f"{path}: missing column(s) {', '.join(missing)}; has {', '.join(table.column_names)}")

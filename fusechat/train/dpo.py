@@ -51,8 +51,6 @@ def build_trainer(recipe: Recipe, out: Path, manifest: Manifest | None = None, *
     kwargs = common.config_kwargs(cfg, out, "dpo")
     peft = common.peft_config(cfg, "dpo", kwargs["model_init_kwargs"])
     tokenizer = common.load_tokenizer(str(base))
-    # DPOTrainer pads prompts on the left for its own generation; its collator pads right itself.
-    tokenizer.padding_side = "left"
 
     data_dir = recipe.run_path() / "datasets" / "dpo"
     test_path = data_dir / "test.parquet"
