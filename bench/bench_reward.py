@@ -39,9 +39,13 @@ def loop_scores(model, tok, convs, device) -> list[float]:
 
     from fusechat.scoring.armorm import find_gating_position, gating_pattern_ids
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     pattern = gating_pattern_ids(tok)
     out = []
-    with torch.inference_mode():
+    # the scorer's attention backends, so that the comparison measures batching alone
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with torch.inference_mode(), sdpa_kernel(backends):
         for conv in convs:
             ids = tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
             x = torch.tensor([ids], device=device)
@@ -71,7 +75,7 @@ def main() -> None:
                                  gating_hidden_dim=args.hidden)
         scorer = RewardScorer(str(path), dtype=args.dtype, device=args.device, batch_tokens=args.batch_tokens)
         convs = conversations(args.responses, args.max_words)
-        tokens = sum(len(scorer.encode(c)) for c in convs)
+        tokens = sum(map(len, scorer.encode_many(convs)))
         scorer.score(convs[:8])  # warm-up both paths (allocator, kernels)
         loop_scores(scorer.model, scorer.tokenizer, convs[:8], scorer.device)
 

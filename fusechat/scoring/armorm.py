@@ -96,9 +96,9 @@ def gating_pattern_ids(tokenizer) -> list[int]:
 
 def find_gating_position(ids: list[int], pattern: list[int]) -> int:
     """Start of the last occurrence of `pattern` in `ids` (ArmoRM's find_token_for_gating)."""
-    k = len(pattern)
+    k, first = len(pattern), pattern[0]
     for j in range(len(ids) - k, -1, -1):
-        if ids[j : j + k] == pattern:
+        if ids[j] == first and ids[j : j + k] == pattern:
             return j
     raise ValueError(
         "ArmoRM gating token pattern <|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n "

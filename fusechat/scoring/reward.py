@@ -96,18 +96,22 @@ class RewardScorer:
         self._bos = tok.bos_token_id if tok("x")["input_ids"][:1] == [tok.bos_token_id] else None
         self._torch = torch
 
-    def encode(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if self._bos is not None and ids[:1] != [self._bos]:
-            ids = [self._bos] + ids
-        return ids
+    def encode_many(self, conversations: list[list[dict]]) -> list[list[int]]:
+        render = self.tokenizer.apply_chat_template
+        texts = [render(m, tokenize=False, add_generation_prompt=False) for m in conversations]
+        # one call: the Rust tokenizer encodes a list in parallel
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        if self._bos is not None:
+            encoded = [ids if ids[:1] == [self._bos] else [self._bos] + ids for ids in encoded]
+        return encoded
 
-    def _prepare(self, messages: list[dict]) -> tuple[list[int], int, bool] | str:
+    def encode(self, messages: list[dict]) -> list[int]:
+        return self.encode_many([messages])[0]
+
+    def _prepare(self, ids: list[int]) -> tuple[list[int], int, bool] | str:
         """(ids, gating position, truncated), or why the conversation cannot be scored."""
         from fusechat.scoring.armorm import find_gating_position
 
-        ids = self.encode(messages)
         gpos = -1
         if self.pattern is not None:
             try:
@@ -156,15 +160,20 @@ class RewardScorer:
         """Conversations (prompt turns + assistant reply) -> outputs in order; progress(n) per batch."""
         out: list[RewardOutput | None] = [None] * len(conversations)
         ready: list[tuple[int, tuple[list[int], int, bool]]] = []
-        for i, messages in enumerate(conversations):
-            prepared = self._prepare(messages)
+        for i, ids in enumerate(self.encode_many(conversations)):
+            prepared = self._prepare(ids)
             if isinstance(prepared, str):
                 out[i] = RewardOutput(None, None, False, prepared)
             else:
                 ready.append((i, prepared))
         if progress and len(ready) < len(conversations):
             progress(len(conversations) - len(ready))
-        with self._torch.inference_mode():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # Not cuDNN attention (PyTorch's first choice for bf16 on Hopper): it builds a plan for
+        # every new (batch, length) shape, and scoring sees a new shape in almost every batch.
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        with self._torch.inference_mode(), sdpa_kernel(backends):
             for batch in token_batches([len(p[0]) for _, p in ready], self.batch_tokens):
                 scores, objectives = self._forward([ready[j][1] for j in batch])
                 for j, s, o in zip(batch, scores, objectives):
