@@ -219,3 +219,26 @@ def test_prefect_flow_scores(tmp_path, tiny_armorm, prefect_server):
     with urllib.request.urlopen(req, timeout=10) as r:
         runs = json.loads(r.read())
     assert [run["state_type"] for run in runs] == ["COMPLETED"]
+
+
+def test_one_process_per_device(tmp_path, tiny_armorm):
+    """The several-GPU path (one spawned process per device), run here on two CPU "devices"."""
+    from fusechat.scoring.stage import _load_rows, _resolve_model, _score_rewards, _shards
+    from fusechat.run import Manifest
+
+    write_run(tmp_path / "run")
+    recipe = load_recipe(write_recipe(tmp_path, tiny_armorm))
+    rows = _load_rows(recipe, Manifest.start(recipe, "scores"))
+    model_path, revision = _resolve_model(recipe)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    for folder, devices in ((one, ["cpu"]), (two, ["cpu", "cpu"])):
+        todo = [(part, rp) for part, rp, _ in _shards(recipe, rows, revision, folder)]
+        _score_rewards(recipe, model_path, todo, lambda n=1: None, devices=devices)
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir()) and len(names) == 4
+    for name in names:
+        a, b = pq.read_table(one / name).to_pylist(), pq.read_table(two / name).to_pylist()
+        assert [r["response_id"] for r in a] == [r["response_id"] for r in b]
+        for x, y in zip(a, b):
+            assert (x["reward"] is None and y["reward"] is None) or abs(x["reward"] - y["reward"]) <= 1e-5

@@ -180,29 +180,31 @@ def _reward_shard(scorer, rows: list[dict], path: Path, progress=None) -> None:
     ], schema=_reward_schema()), path)
 
 
-def _reward_worker(rank: int, recipe_json: str, model_path: str, todo: list, n: int) -> None:
+def _reward_worker(rank: int, recipe_json: str, model_path: str, todo: list, devices: list[str]) -> None:
     from fusechat.recipe import Recipe
 
     recipe = Recipe.model_validate_json(recipe_json)
-    scorer = _scorer(recipe, model_path, device=f"cuda:{rank}")
-    for rows, path in todo[rank::n]:
+    scorer = _scorer(recipe, model_path, device=devices[rank])
+    for rows, path in todo[rank :: len(devices)]:
         _reward_shard(scorer, rows, Path(path))
 
 
-def _score_rewards(recipe: Recipe, model_path: str, todo: list[tuple[list[dict], Path]], progress) -> None:
+def _score_rewards(recipe: Recipe, model_path: str, todo: list[tuple[list[dict], Path]], progress,
+                   devices: list[str] | None = None) -> None:
+    """Missing reward shards; with several devices, one spawned process per device."""
     import torch
 
-    gpus = torch.cuda.device_count()
-    if gpus > 1 and len(todo) > 1:
+    if devices is None and torch.cuda.device_count() > 1:
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if devices and len(devices) > 1 and len(todo) > 1:
         import torch.multiprocessing as tmp
 
-        n = min(gpus, len(todo))
-        recipe_json = recipe.model_dump_json()
-        args = (recipe_json, model_path, [(rows, str(p)) for rows, p in todo], n)
-        tmp.start_processes(_reward_worker, args=args, nprocs=n, join=True, start_method="spawn")
+        devices = devices[: len(todo)]
+        args = (recipe.model_dump_json(), model_path, [(rows, str(p)) for rows, p in todo], devices)
+        tmp.start_processes(_reward_worker, args=args, nprocs=len(devices), join=True, start_method="spawn")
         progress(sum(len(rows) for rows, _ in todo))
         return
-    scorer = _scorer(recipe, model_path)
+    scorer = _scorer(recipe, model_path, device=devices[0] if devices else None)
     for rows, path in todo:
         _reward_shard(scorer, rows, path, progress)
 
@@ -228,6 +230,11 @@ class _Checkers:
         if self.code is None:
             c = self.recipe.scoring.code
             self.code = CodeChecker(workers=c.workers, timeout_s=c.timeout_s, memory_mb=c.memory_mb)
+            isolation = self.code.sandbox.isolation
+            if not isolation["isolated"]:
+                from rich.console import Console
+
+                Console(stderr=True).print(f"[yellow]warning: code checks without full isolation: {isolation['reason']}")
         return self.code.check_many(items, progress)
 
     def close(self) -> None:
