@@ -85,7 +85,7 @@ def main() -> None:
         recipe = load_recipe(write_recipe(tmp / "recipe.yaml", model, "llama3", run, sft=train, dpo=train))
         write_split(sft_rows(a.steps * a.batch * 4, multi_turn_every=0, answer_words=(10, 300)), run / "datasets" / "sft" / "train.parquet")
         write_split(dpo_rows(a.pairs, seed=1), run / "datasets" / "dpo" / "train.parquet")
-        shutil.copytree(model, run / "models" / "sft")  # DPO starts from "the SFT model"
+        shutil.copytree(model, run / "models" / recipe.name / "sft")  # DPO starts from "the SFT model"
 
         console = Console(stderr=True)
         console.print(f"model: llama3-shaped, hidden {a.hidden}, {a.layers} layers, torch threads "

@@ -146,8 +146,8 @@ def main() -> int:
         write_split(sft_rows(a.steps * a.batch * 8, multi_turn_every=0, answer_words=words),
                     run / "datasets" / "sft" / "train.parquet")
         write_split(dpo_rows(a.steps * a.batch * 2), run / "datasets" / "dpo" / "train.parquet")
-        (run / "models").mkdir(parents=True)
-        (run / "models" / "sft").symlink_to(model)  # DPO starts from "the SFT model"
+        (run / "models" / recipe.name).mkdir(parents=True)
+        (run / "models" / recipe.name / "sft").symlink_to(model)  # DPO starts from "the SFT model"
 
         for name in [v.strip() for v in a.variants.split(",") if v.strip()]:
             if time.perf_counter() - started > a.budget_s:

@@ -44,7 +44,7 @@ def test_loss_covers_exactly_the_assistant_turns(tiny_models, tmp_path, family):
     r, run = _recipe(tmp_path, tiny_models[family], family, sft={"max_length": 512})
     rows = sft_rows(12, seed=3)
     write_split(rows, run / "datasets" / "sft" / "train.parquet")
-    trainer, _, _ = build_trainer(r, run / "models" / "sft")
+    trainer, _, _ = build_trainer(r, run / "models" / r.name / "sft")
     tok = trainer.processing_class
     ds = trainer.train_dataset
     assert len(ds) < len(rows)  # packed: several conversations per training sequence
@@ -79,7 +79,7 @@ def test_packed_conversations_do_not_see_each_other(tiny_models, tmp_path):
     write_split(sft_rows(10, seed=4), run / "datasets" / "sft" / "train.parquet")
     losses = {}
     for packing in (True, False):
-        trainer, _, _ = build_trainer(r, run / "models" / "sft", packing=packing)
+        trainer, _, _ = build_trainer(r, run / "models" / r.name / "sft", packing=packing)
         ds = trainer.train_dataset
         batch = trainer.data_collator([ds[i] for i in range(len(ds))])
         with torch.no_grad():
@@ -160,17 +160,17 @@ def test_sft_then_dpo_end_to_end(tiny_models, tmp_path):
     m_sft = run_sft(r)
     assert m_sft.dropped["longer_than_max_length"] == 6  # one long answer in 8, dropped and counted
     assert m_sft.rows_in == 48 == m_sft.rows_out + sum(m_sft.dropped.values())
-    sft_dir = run / "models" / "sft"
+    sft_dir = run / "models" / r.name / "sft"
     assert list((sft_dir / "checkpoints").glob("runs/*/events.out.tfevents.*"))  # report_to: tensorboard
     base, sft = _tensors(model), _tensors(sft_dir)
     assert any((base[k] - sft[k]).abs().max() > 0 for k in base)
 
     m_dpo = run_dpo(r)
     assert m_dpo.rows_in == 64 == m_dpo.rows_out + m_dpo.dropped["longer_than_max_length"]
-    dpo = _tensors(run / "models" / "dpo")
+    dpo = _tensors(run / "models" / r.name / "dpo")
     assert any((sft[k] - dpo[k]).abs().max() > 0 for k in sft)
 
-    metrics = json.loads((run / "models" / "dpo" / "metrics.json").read_text())
+    metrics = json.loads((run / "models" / r.name / "dpo" / "metrics.json").read_text())
     # chosen answers share one pattern, rejected another: held-out pairs must be told apart
     assert metrics["eval_rewards/accuracies"] >= 0.8
     # the better of the last two checkpoints by held-out loss, and its metrics are the ones reported
@@ -180,10 +180,10 @@ def test_sft_then_dpo_end_to_end(tiny_models, tmp_path):
     assert metrics["selected_checkpoint"] == best["checkpoint"]
     assert metrics["eval_loss"] == pytest.approx(best["eval_loss"])
 
-    card = (run / "models" / "dpo" / "README.md").read_text()
+    card = (run / "models" / r.name / "dpo" / "README.md").read_text()
     assert r.content_hash() in card
     assert metrics["data"]["train"]["rows"] == 64 and metrics["data"]["train"]["sha256"] in card
-    saved = json.loads((run / "models" / "dpo" / "manifest.json").read_text())
+    saved = json.loads((run / "models" / r.name / "dpo" / "manifest.json").read_text())
     assert saved["recipe_hash"] == r.content_hash()
 
 
@@ -207,7 +207,7 @@ def test_two_process_data_parallel_sft_and_dpo(tiny_models, tmp_path):
         p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         assert f"[rank 0/2] {stage}:" in p.stderr and f"[rank 1/2] {stage}:" in p.stderr
-        metrics = json.loads((tmp_path / "run" / "models" / stage / "metrics.json").read_text())
+        metrics = json.loads((tmp_path / "run" / "models" / "tiny-qwen2" / stage / "metrics.json").read_text())
         assert metrics["world_size"] == 2 and metrics["ranks"] == [0, 1]
         # global batch 4 = 2 per device x 2 processes: no accumulation
         assert metrics["gradient_accumulation_steps"] == 1
@@ -239,7 +239,7 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(tiny_models, tmp_path)
         sft={"max_steps": 40, "save_steps": 3, "save_total_limit": 50},
     )
     write_datasets(tmp_path / "run", sft=(48, 0))
-    ckpts = tmp_path / "run" / "models" / "sft" / "checkpoints"
+    ckpts = tmp_path / "run" / "models" / "tiny-llama3" / "sft" / "checkpoints"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fusechat.train.sft", str(recipe)], cwd=ROOT, env=_env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -264,7 +264,7 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(tiny_models, tmp_path)
             self.steps.append(state.global_step)
 
     r = load_recipe(recipe)
-    trainer, paths, _ = build_trainer(r, tmp_path / "run" / "models" / "sft")
+    trainer, paths, _ = build_trainer(r, tmp_path / "run" / "models" / r.name / "sft")
     trainer.add_callback(Steps)
     with pytest.raises(RecipeError, match="checkpoints of a run with other settings or data"):
         common.train_resuming(trainer, "another run")
@@ -314,7 +314,7 @@ def test_lora_sft_writes_a_merged_plain_model(tiny_models, tmp_path):
     r, run = _recipe(tmp_path, model, "mistral", sft={"max_length": 256, "lora": {"r": 4, "alpha": 8}})
     write_datasets(run, sft=(16, 0), dpo=(0, 0))
     run_sft(r)
-    out = run / "models" / "sft"
+    out = run / "models" / r.name / "sft"
     assert (out / "adapter" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out)  # a plain folder: no peft needed to load it
     assert not hasattr(merged, "peft_config")

@@ -28,7 +28,9 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"
 
 
 def model_dir(recipe: Recipe, stage: str) -> Path:
-    d = stage_dir(recipe, "models") / stage
+    # models/<recipe name>/: the published targets share one run directory (and so one sampled,
+    # scored and built data set) and must not overwrite each other's models.
+    d = stage_dir(recipe, "models") / recipe.name / stage
     d.mkdir(parents=True, exist_ok=True)
     return d
 
