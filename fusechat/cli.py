@@ -88,12 +88,42 @@ for _stage, _doc in {
     "sample": "Sample responses from every source model (prompts -> responses).",
     "score": "Score responses: reward model, math answers, code tests (responses -> scores).",
     "build": "Build the SFT and DPO data sets by the selection rules (scores -> datasets).",
-    "sft": "Supervised fine-tuning of the target on the SFT set.",
-    "dpo": "DPO of the SFT model on the DPO set.",
     "eval": "Evaluate sources and targets on the held-out sets.",
     "run": "Run every stage in order (the whole recipe).",
 }.items():
     _stage_command(_stage, _doc)
+
+
+def _train_command(stage: str, doc: str):
+    def command(
+        recipe: RecipeArg,
+        run_dir: RunDirOpt = None,
+        nproc: Annotated[int, typer.Option(help="processes per machine (one per GPU)")] = 1,
+        config: Annotated[Optional[str], typer.Option(help="accelerate config: ddp, fsdp, zero3 or a YAML file")] = None,
+        nnodes: Annotated[int, typer.Option(help="machines taking part")] = 1,
+        node_rank: Annotated[int, typer.Option(help="this machine's rank")] = 0,
+        master_addr: Annotated[str, typer.Option(help="address of the rank-0 machine")] = "127.0.0.1",
+        master_port: Annotated[int, typer.Option(help="port on the rank-0 machine")] = 29500,
+    ) -> None:
+        if nproc == 1 and nnodes == 1 and config is None:
+            _run_stage(stage, recipe, run_dir)
+            return
+        # Several processes: re-launch this stage under torchrun/accelerate (fusechat.train.launch).
+        from fusechat.train.launch import main as launch
+
+        _load(recipe, run_dir)  # fail fast, before spawning processes, on a bad recipe
+        argv = [stage, recipe, "--nproc", str(nproc), "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+                "--master-addr", master_addr, "--master-port", str(master_port)]
+        argv += ["--run-dir", run_dir] if run_dir else []
+        argv += ["--config", config] if config else []
+        raise typer.Exit(launch(argv))
+
+    command.__doc__ = doc
+    app.command(stage)(command)
+
+
+_train_command("sft", "Supervised fine-tuning of the target on the SFT set (--nproc/--config for several processes).")
+_train_command("dpo", "DPO of the SFT model on the DPO set (--nproc/--config for several processes).")
 
 
 @app.command("publish")
