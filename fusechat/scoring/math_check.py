@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-import threading
 from dataclasses import dataclass
 
 # statuses written to scores.parquet `check_status` by this module
@@ -70,6 +69,9 @@ class MathChecker:
         # spawn, not fork: the scorer process may hold threads and torch state
         self._ctx = mp.get_context("spawn")
         self._slots = [self._start() for _ in range(workers)]
+        self._idle: queue.Queue[int] = queue.Queue()
+        for slot in range(workers):
+            self._idle.put(slot)
 
     def _start(self):
         parent, child = self._ctx.Pipe()
@@ -100,29 +102,26 @@ class MathChecker:
         self._restart(slot)
         return MathResult("timeout", f"no verdict within {self.timeout_s:g}s")
 
+    def check(self, gold: str, response: str) -> MathResult:
+        """One bounded check on whichever worker is free; safe to call from several threads."""
+        slot = self._idle.get()
+        try:
+            return self._check(slot, gold, response)
+        finally:
+            self._idle.put(slot)
+
     def check_many(self, items: list[tuple[str, str]], progress=None) -> list[MathResult]:
         """(gold, response) pairs -> results, in order; `progress()` is called once per item."""
-        todo: queue.Queue = queue.Queue()
-        for i, item in enumerate(items):
-            todo.put((i, item))
-        results: list[MathResult | None] = [None] * len(items)
+        from concurrent.futures import ThreadPoolExecutor
 
-        def drive(slot: int) -> None:
-            while True:
-                try:
-                    i, (gold, response) = todo.get_nowait()
-                except queue.Empty:
-                    return
-                results[i] = self._check(slot, gold, response)
-                if progress:
-                    progress()
+        def one(item: tuple[str, str]) -> MathResult:
+            result = self.check(*item)
+            if progress:
+                progress()
+            return result
 
-        threads = [threading.Thread(target=drive, args=(s,)) for s in range(len(self._slots))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return results  # type: ignore[return-value]
+        with ThreadPoolExecutor(len(self._slots)) as ex:
+            return list(ex.map(one, items))
 
     def close(self) -> None:
         for proc, conn in self._slots:

@@ -129,7 +129,7 @@ def _load_rows(recipe: Recipe, manifest: Manifest) -> list[dict[str, Any]]:
             non_utf8 += 1
         rows.append({
             **r, "truncated": bool(r["truncated"]), "text": text, "domain": prompt["domain"],
-            "messages": [{"role": m["role"], "content": m["content"]} for m in prompt["messages"]],
+            "messages": prompt["messages"],  # shared by the prompt's responses, not copied
             "gold_answer": prompt["gold_answer"], "tests": prompt["tests"] or [],
             "setup": prompt["meta"].get("test_setup", "") or "",
             "leetcode": adapters.get(prompt["dataset"]) == "leetcode",
