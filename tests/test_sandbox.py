@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fusechat.scoring.sandbox import OUTPUT_CAP, UID_BASE, Check, Sandbox
+from fusechat.scoring.sandbox import OUTPUT_CAP, Check, Sandbox, sandbox_uid
 
 WORKERS = 2
 TIMEOUT_S = 2.0
@@ -33,11 +33,12 @@ def sandbox():
 
 def sandbox_processes() -> list[int]:
     """Processes running as one of the checks' uids (none may outlive a check)."""
+    uids = {sandbox_uid(os.getpid(), i) for i in range(WORKERS)}
     pids = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if UID_BASE <= p.stat().st_uid < UID_BASE + WORKERS:
+                if p.stat().st_uid in uids:
                     pids.append(int(p.name))
             except FileNotFoundError:
                 pass

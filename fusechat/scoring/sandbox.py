@@ -43,8 +43,9 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
-# Server i runs its checks as uid UID_BASE + i: one uid per server so that one check's fork bomb
-# (RLIMIT_NPROC counts per uid) cannot starve a check running beside it.
+# Server i of scorer process P runs its checks as uid sandbox_uid(P, i): one uid per server so that
+# one check's fork bomb (RLIMIT_NPROC counts per uid) cannot starve a check running beside it, in
+# this scorer or in another one on the same machine.
 UID_BASE = 61000
 MAX_PROCS = 32
 FILE_SIZE_BYTES = 16 * 1024 * 1024
@@ -338,6 +339,10 @@ def serve(uid: int | None) -> None:
 # scorer side
 
 
+def sandbox_uid(pid: int, index: int) -> int:
+    return UID_BASE + (pid % 1000) * 64 + index % 64
+
+
 def _verdict(check: Check, raw: dict, timeout_s: float) -> CheckResult:
     tests = [{"test": t, "status": "not_run", "error": ""} for t in check.tests]
     phase_error = ""
@@ -374,7 +379,7 @@ class _Server:
     def __init__(self, index: int):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}  # no secrets
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", os.path.abspath(__file__), "--serve", str(UID_BASE + index)],
+            [sys.executable, "-I", os.path.abspath(__file__), "--serve", str(sandbox_uid(os.getpid(), index))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1,
             start_new_session=True,
         )
