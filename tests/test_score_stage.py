@@ -242,3 +242,25 @@ def test_one_process_per_device(tmp_path, tiny_armorm):
         assert [r["response_id"] for r in a] == [r["response_id"] for r in b]
         for x, y in zip(a, b):
             assert (x["reward"] is None and y["reward"] is None) or abs(x["reward"] - y["reward"]) <= 1e-5
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "skip"])
+def test_overlong_inputs_are_counted(tmp_path, tiny_armorm, overlong):
+    import yaml
+
+    write_run(tmp_path / "run")
+    recipe_file = write_recipe(tmp_path, tiny_armorm)
+    data = yaml.safe_load(recipe_file.read_text())
+    data["scoring"]["reward_model"].update(max_length=95, overlong=overlong)  # prompts fit, most replies not
+    recipe_file.write_text(yaml.safe_dump(data))
+    manifest = run_score(load_recipe(recipe_file))
+    rows = pq.read_table(tmp_path / "run" / "scores" / "scores.parquet").to_pylist()
+    reasons = manifest.extra["reward_null_reasons"]
+    if overlong == "truncate":
+        cut = [r for r in rows if r["truncated"] and r["reward"] is not None]
+        assert len(cut) == manifest.extra["reward_input_truncated"] > 0
+        assert reasons == {"empty response": 1}
+    else:
+        assert manifest.extra["reward_input_truncated"] == 0 and reasons["overlong"] > 0
+        assert reasons["overlong"] == sum("> max_length 95" in r["check_detail"] for r in rows)
+    assert manifest.extra["reward_null"] == sum(reasons.values()) == sum(r["reward"] is None for r in rows)
