@@ -216,7 +216,10 @@ def _checked_child(req: dict, uid: int | None, hidden: dict | None, work: str, f
             # set after setuid (a credential change clears it): the check dies with its parent
             _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         os.environ.clear()
-        os.environ.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=".", TMPDIR="/tmp", LANG="C.UTF-8")
+        os.environ.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=".", TMPDIR="/tmp", LANG="C.UTF-8",
+                          # one thread each: BLAS pools sized to the machine would reserve address
+                          # space (counted by RLIMIT_AS) and compete with the checks beside them
+                          OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         _run_tests(req, 3)
