@@ -22,8 +22,9 @@ from pathlib import Path
 _EXAMPLE = re.compile(
     r"\*{0,2}Input:?\*{0,2}:?[ \t]*(?P<input>[^\n]+)\n+\s*\*{0,2}Output:?\*{0,2}:?[ \t]*(?P<output>[^\n]+)"
 )
-# LeetCode's judge pre-imports these, and the reference solutions rely on it
-_JUDGE_IMPORTS = (
+# LeetCode's judge pre-imports these, and the reference solutions rely on it; the code checker
+# runs model answers after the same lines.
+JUDGE_IMPORTS = (
     "from typing import *\nfrom collections import *\nfrom functools import *\nfrom itertools import *\n"
     "from heapq import *\nfrom bisect import *\nimport math, string, re\n"
 )
@@ -113,7 +114,7 @@ def _passing(code: str, setup: str, tests: list[str]) -> list[bool] | str:
     code, run once per problem while reading the data set.
     """
     harness = (
-        f"{_JUDGE_IMPORTS}\n{code}\n{setup}\nimport json as _json\n_ok = []\n"
+        f"{JUDGE_IMPORTS}\n{code}\n{setup}\nimport json as _json\n_ok = []\n"
         f"for _t in _json.loads({json.dumps(json.dumps(tests))}):\n"
         "    try:\n        exec(_t, globals())\n        _ok.append(True)\n"
         "    except BaseException:\n        _ok.append(False)\n"

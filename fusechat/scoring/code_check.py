@@ -10,6 +10,9 @@ import ast
 import re
 from dataclasses import dataclass
 
+# LeetCode answers run after the imports LeetCode's judge provides (the lines the prompt stage used
+# to keep only the tests the reference solution passes).
+from fusechat.prompts.leetcode import JUDGE_IMPORTS as LEETCODE_PRELUDE
 from fusechat.scoring.sandbox import Check, CheckResult, Sandbox
 
 # statuses written to scores.parquet `check_status` by this module
@@ -17,12 +20,6 @@ STATUSES = ("pass", "fail", "timeout", "error")
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = {"python", "py", "python3"}
-# What LeetCode's judge provides before a solution runs (the same lines the prompt stage used to
-# keep only tests the reference solution passes): solutions there may use List, deque, ... bare.
-LEETCODE_PRELUDE = (
-    "from typing import *\nfrom collections import *\nfrom functools import *\nfrom itertools import *\n"
-    "from heapq import *\nfrom bisect import *\nimport math, string, re\n"
-)
 
 
 @dataclass
