@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -131,7 +130,7 @@ def sample_source(
 
 def _run_worker(job: Path, log: Path, handle: Callable[[dict[str, Any]], None]) -> int:
     read_fd, write_fd = os.pipe()
-    env = dict(os.environ, FUSECHAT_EVENTS_FD=str(write_fd))
+    env = dict(os.environ, FUSECHAT_EVENTS_FD=str(write_fd), FUSECHAT_PARENT_PID=str(os.getpid()))
     with open(log, "ab") as logf:
         # Own session: the worker and the engine processes it spawns form one group, killed together.
         proc = subprocess.Popen(

@@ -13,8 +13,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -36,20 +36,29 @@ class Events:
 
     def __call__(self, event: str, **data) -> None:
         if self.out is not None:
-            self.out.write(json.dumps({"event": event, **data}) + "\n")
+            try:
+                self.out.write(json.dumps({"event": event, **data}) + "\n")
+            except BrokenPipeError:  # the parent is gone: nobody will read these shards' news
+                _kill_own_group()
 
 
-def _die_with_parent() -> None:
+def _kill_own_group() -> None:
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _die_with_parent() -> int:
     """A worker whose parent was killed (kill -9 included) takes its engine processes down with it,
-    so a rerun never races an orphan for the same shards or the same accelerator memory."""
-    parent = os.getppid()
+    so a rerun never races an orphan for the same shards or the same accelerator memory.
 
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os.killpg(os.getpgid(0), signal.SIGKILL)
-
-    threading.Thread(target=watch, daemon=True).start()
+    The parent names itself (FUSECHAT_PARENT_PID): it may die while this process is still importing,
+    and `getppid()` would then already name init. The watch is a shell loop, so it also runs while
+    this interpreter is busy or finalizing. Linux (/proc) only, like vLLM-CPU itself.
+    """
+    parent, me = int(os.environ.get("FUSECHAT_PARENT_PID", os.getppid())), os.getpid()
+    script = (f'while [ "$(cut -d" " -f4 /proc/{me}/stat 2>/dev/null)" = "{parent}" ]; do sleep 1; done; '
+              f"kill -9 -{os.getpgid(0)}")
+    subprocess.Popen(["/bin/sh", "-c", script], stdin=subprocess.DEVNULL)
+    return parent
 
 
 def tokenizer_path(recipe: Recipe, source) -> str:
@@ -131,11 +140,21 @@ def run(job: dict) -> int:
 
 
 def main() -> None:
-    _die_with_parent()
+    parent = _die_with_parent()
     job = json.loads(Path(sys.argv[1]).read_text())
-    code = run(job)
+    try:
+        code = run(job)
+    except BaseException:
+        # Interpreter shutdown would wait on the engine's exit hooks with this process's daemon
+        # threads (the parent watch) frozen; report and leave at once instead.
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    if os.getppid() != parent:
+        _kill_own_group()
     # Engine shutdown hooks can hang or print tracebacks at interpreter exit; the work is on disk.
     os._exit(code)
 
