@@ -101,7 +101,8 @@ def train_reward(out: Path, *, steps: int = 300, batch: int = 32, lr: float = 1e
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         for f in start.iterdir():
-            if f.name != "model.safetensors" and f.is_file():
+            # not the weights, and not the builder's marker: this folder is no longer its random build
+            if f.name not in ("model.safetensors", "tiny-armorm-build.json") and f.is_file():
                 shutil.copy2(f, stage / f.name)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(stage / "model.safetensors"), metadata={"format": "pt"})
