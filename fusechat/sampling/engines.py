@@ -83,6 +83,9 @@ class VllmEngine(Engine):
 
         # Unseeded requests draw from the worker's global generator; resetting it per shard makes a
         # shard's samples independent of which shards this engine computed before it (resume).
+        # The prefix cache is reset too: what earlier shards left in it changes the batches (and so
+        # which random numbers each sequence draws).
+        self.llm.reset_prefix_cache()
         self.llm.collective_rpc(_reseed, args=(seed,))
         params = [
             SamplingParams(
