@@ -55,6 +55,29 @@ def pair_accuracy(model, tokenizer, pattern, pairs, pad_id: int, batch: int = 64
     return wins / max(1, len(pairs))
 
 
+# A Bradley-Terry model's score scale is arbitrary; the published band (0.01 <= margin <= 0.1) is in
+# ArmoRM's units. ArmoRM's learned `gating.logit_scale` multiplies every score, so rescaling it maps
+# the demo's scores onto a spread where typical margins between one source's answers fall inside
+# that band, with every ranking unchanged.
+TARGET_STD = 0.05
+
+
+def calibrate(model, tokenizer, pattern, pairs, pad_id: int, target_std: float = TARGET_STD) -> float:
+    """Rescale `gating.logit_scale` so the scores of `pairs`' replies have standard deviation
+    `target_std`; returns the factor applied."""
+    import torch
+
+    with torch.no_grad():
+        scores = []
+        for key in ("chosen", "rejected"):
+            for i in range(0, len(pairs), 64):
+                part = pairs[i : i + 64]
+                scores.append(model(*_batch([_encode(tokenizer, pattern, p["prompt"], p[key]) for p in part], pad_id))[0])
+        factor = target_std / float(torch.cat(scores).std())
+        model.gating.logit_scale.mul_(factor)
+    return factor
+
+
 def train_reward(out: Path, *, steps: int = 300, batch: int = 32, lr: float = 1e-3, hidden_size: int = 128,
                  num_layers: int = 2, seed: int = 0, train_per_domain: int = 400) -> dict:
     import torch
@@ -93,6 +116,7 @@ def train_reward(out: Path, *, steps: int = 300, batch: int = 32, lr: float = 1e
             if step % 50 == 0 or step == steps - 1:
                 print(f"reward step {step:4d}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  {time.time() - t0:.0f} s", flush=True)
         model.eval()
+        factor = calibrate(model, tokenizer, pattern, train, pad)
         after = pair_accuracy(model, tokenizer, pattern, held_out, pad)
         by_domain = {
             d: pair_accuracy(model, tokenizer, pattern, [p for p in held_out if p["domain"] == d], pad)
@@ -110,7 +134,8 @@ def train_reward(out: Path, *, steps: int = 300, batch: int = 32, lr: float = 1e
             "steps": steps, "batch": batch, "lr": lr, "seed": seed, "train_pairs": len(train),
             "held_out_pairs": len(held_out), "held_out_accuracy_before": before,
             "held_out_accuracy_after": after, "held_out_accuracy_by_domain": by_domain,
-            "train_seconds": round(time.time() - t0, 1),
+            "train_seconds": round(time.time() - t0, 1), "score_scale_factor": factor,
+            "score_std_target": TARGET_STD,
         }
         (stage / "training.json").write_text(json.dumps(report, indent=2) + "\n")
         stage.chmod(0o755)  # mkdtemp makes it private; the model ships in the repository

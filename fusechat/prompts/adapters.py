@@ -237,3 +237,8 @@ ADAPTERS: dict[str, Adapter] = {
         ),
     )
 }
+
+# The demo world's files; imported last because that module builds on the names above.
+from fusechat.prompts.demo import DEMO  # noqa: E402
+
+ADAPTERS[DEMO.name] = DEMO
