@@ -237,6 +237,11 @@ class Eval(_Strict):
     files: dict[str, str] = Field(default_factory=dict, description="benchmark -> local file")
     max_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0.0)
+    # Sources generate through their own engine and options; the target models (base, SFT, DPO) here.
+    engine: Literal["vllm", "transformers"] = "vllm"
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict, description="engine options of the target models, e.g. max_model_len, dtype"
+    )
 
 
 class Recipe(_Strict):
