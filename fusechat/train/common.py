@@ -83,6 +83,13 @@ def check_dpo_row(row: dict[str, Any], where: str) -> None:
             raise RecipeError(f"{where}: {field}: expected exactly one non-empty assistant message")
 
 
+def has_rows(path: Path) -> bool:
+    """A split file that exists and holds rows (a small build can leave a held-out split empty)."""
+    import pyarrow.parquet as pq
+
+    return path.exists() and pq.read_metadata(path).num_rows > 0
+
+
 def load_split(path: Path, columns: tuple[str, ...], check, cache_dir: Path) -> Dataset:
     """A data set split as a `datasets.Dataset` (file-backed, so TRL's map/cache steps work), with
     every row checked first: a bad row is an error naming the file, the row and the field."""

@@ -54,15 +54,15 @@ def build_trainer(recipe: Recipe, out: Path, manifest: Manifest | None = None, *
 
     data_dir = recipe.run_path() / "datasets" / "dpo"
     test_path = data_dir / "test.parquet"
-    if not test_path.exists() and cfg.keep_best_of_last > 1:
+    if not common.has_rows(test_path) and cfg.keep_best_of_last > 1:
         raise RecipeError(
-            f"{test_path}: missing; dpo.keep_best_of_last: {cfg.keep_best_of_last} picks checkpoints by their "
+            f"{test_path}: missing or empty; dpo.keep_best_of_last: {cfg.keep_best_of_last} picks checkpoints by their "
             "held-out metrics (set it to 1 to keep the last checkpoint without a test split)"
         )
     splits, counts = {}, {}
     for split in ("train", "test"):
         path = data_dir / f"{split}.parquet"
-        if not path.exists() and split == "test":
+        if split == "test" and not common.has_rows(path):
             continue
         ds = common.load_split(path, COLUMNS, common.check_dpo_row, out / "cache")
         full, prompt = _lengths(ds, tokenizer)

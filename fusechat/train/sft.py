@@ -66,7 +66,7 @@ def build_trainer(recipe: Recipe, out: Path, manifest: Manifest | None = None, *
     splits, counts = {}, {}
     for split in ("train", "test"):
         path = data_dir / f"{split}.parquet"
-        if split == "test" and not path.exists():
+        if split == "test" and not common.has_rows(path):
             continue
         ds = common.load_split(path, ("messages",), common.check_sft_row, cache)
         full, prompt = _lengths(ds, tokenizer, template)
