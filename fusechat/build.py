@@ -31,14 +31,13 @@ the manifest balances prompts in = SFT rows + DPO rows + dropped by reason.
 
 from __future__ import annotations
 
-from fusechat.errors import FusechatError
-
 import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusechat.errors import FusechatError
 from fusechat.recipe import RecipeError
 from fusechat.run import Manifest, read_table, stage_dir, write_table
 

@@ -8,14 +8,14 @@ field path (`sources[1].sampling.top_p`), so a user can fix the YAML without rea
 
 from __future__ import annotations
 
-from fusechat.errors import FusechatError
-
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fusechat.errors import FusechatError
 
 DOMAINS = ("instruction", "math", "code", "chinese")
 Domain = Literal["instruction", "math", "code", "chinese"]

@@ -9,13 +9,12 @@ taken: docs/prompts.md.
 
 from __future__ import annotations
 
-from fusechat.errors import FusechatError
-
 import ast
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from fusechat.errors import FusechatError
 from fusechat.prompts import leetcode
 
 

@@ -15,13 +15,12 @@ balances and counts both per data set.
 
 from __future__ import annotations
 
-from fusechat.errors import FusechatError
-
 import json
 import random
 from pathlib import Path
 from typing import Any
 
+from fusechat.errors import FusechatError
 from fusechat.prompts.adapters import ADAPTERS, Adapter, BadValue
 from fusechat.prompts.classify import classify
 from fusechat.prompts.filters import Decontaminator, NearDedup

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from fusechat.errors import FusechatError
 from fusechat.recipe import Recipe, RecipeError, Source
 from fusechat.run import Manifest, stage_dir, write_table
 from fusechat.sampling.shards import (
@@ -32,7 +33,7 @@ LOAD_FAILED_REASON = "source_load_failed"
 ENGINE_ERROR_REASON = "engine_error"
 
 
-class SamplingError(RuntimeError):
+class SamplingError(FusechatError, RuntimeError):
     """Some shards could not be computed; the message names the sources, paths and causes."""
 
 
