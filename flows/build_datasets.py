@@ -35,6 +35,11 @@ def build_datasets(recipe_path: str, run_dir: str | None = None, dry_run: bool |
     return {"build": built, "publish": publish(recipe_path, run_dir, dry_run, wait_for=[built])}
 
 
+def deployments() -> list:
+    """For `python -m flows.serve`: a deployment named `local`."""
+    return [build_datasets.to_deployment(name="local")]
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe")

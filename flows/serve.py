@@ -13,6 +13,10 @@ import sys
 
 FLOWS = {
     "sample-sources": "flows.sample_sources",
+    "score-responses": "flows.score_responses",
+    "build-datasets": "flows.build_datasets",
+    "train-target": "flows.train_target",
+    "fuse": "flows.fuse",
 }
 
 

@@ -1,0 +1,49 @@
+"""Prefect flow `train-target`: SFT, then DPO from the SFT model, by the recipe.
+
+The tasks call the same stage functions as `fusechat sft` and `fusechat dpo`. Both resume from
+their last checkpoint, so a retried task continues rather than starting over.
+
+    python flows/train_target.py recipes/demo.yaml [--run-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from prefect import flow, task
+
+from fusechat.recipe import load_recipe
+
+
+@task(name="sft", retries=1)
+def sft(recipe_path: str, run_dir: str | None = None) -> dict:
+    from fusechat.train.sft import run_sft
+
+    return asdict(run_sft(load_recipe(recipe_path, run_dir=run_dir)))
+
+
+@task(name="dpo", retries=1)
+def dpo(recipe_path: str, run_dir: str | None = None) -> dict:
+    from fusechat.train.dpo import run_dpo
+
+    return asdict(run_dpo(load_recipe(recipe_path, run_dir=run_dir)))
+
+
+@flow(name="train-target")
+def train_target(recipe_path: str, run_dir: str | None = None) -> dict:
+    trained = sft(recipe_path, run_dir)
+    return {"sft": trained, "dpo": dpo(recipe_path, run_dir, wait_for=[trained])}
+
+
+def deployments() -> list:
+    """For `python -m flows.serve`: a deployment named `local`."""
+    return [train_target.to_deployment(name="local")]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("--run-dir")
+    args = parser.parse_args()
+    train_target(args.recipe, args.run_dir)
