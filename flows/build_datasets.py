@@ -19,20 +19,20 @@ from fusechat.recipe import load_recipe
 
 
 @task(name="build")
-def build(recipe_path: str, run_dir: str | None = None) -> dict:
-    return asdict(run_build(load_recipe(recipe_path, run_dir=run_dir)))
+def build(recipe: str, run_dir: str | None = None) -> dict:
+    return asdict(run_build(load_recipe(recipe, run_dir=run_dir)))
 
 
 @task(name="publish")
-def publish(recipe_path: str, run_dir: str | None = None, dry_run: bool | None = None) -> dict:
-    return asdict(run_publish(load_recipe(recipe_path, run_dir=run_dir), dry_run=dry_run))
+def publish(recipe: str, run_dir: str | None = None, dry_run: bool | None = None) -> dict:
+    return asdict(run_publish(load_recipe(recipe, run_dir=run_dir), dry_run=dry_run))
 
 
 @flow(name="build-datasets")
-def build_datasets(recipe_path: str, run_dir: str | None = None, dry_run: bool | None = None) -> dict:
+def build_datasets(recipe: str, run_dir: str | None = None, dry_run: bool | None = None) -> dict:
     """dry_run None: upload when the recipe names a repository and a token and network are there."""
-    built = build(recipe_path, run_dir)
-    return {"build": built, "publish": publish(recipe_path, run_dir, dry_run, wait_for=[built])}
+    built = build(recipe, run_dir)
+    return {"build": built, "publish": publish(recipe, run_dir, dry_run, wait_for=[built])}
 
 
 def deployments() -> list:

@@ -18,19 +18,19 @@ from fusechat.recipe import load_recipe
 
 
 @task(task_run_name="{stage}")
-def stage_task(stage: str, recipe_path: str, run_dir: str | None = None) -> dict:
+def stage_task(stage: str, recipe: str, run_dir: str | None = None) -> dict:
     from fusechat.cli import stage_function
 
     fn = stage_function(stage)
     if fn is None:
         raise RuntimeError(f"fusechat {stage}: this stage is not built yet in fusechat")
-    return asdict(fn(load_recipe(recipe_path, run_dir=run_dir)))
+    return asdict(fn(load_recipe(recipe, run_dir=run_dir)))
 
 
 @flow(name="fuse")
-def fuse(recipe_path: str, run_dir: str | None = None, stages: list[str] | None = None) -> dict:
+def fuse(recipe: str, run_dir: str | None = None, stages: list[str] | None = None) -> dict:
     """`stages` defaults to every stage in order; name a subset to run only those."""
-    return {stage: stage_task(stage, recipe_path, run_dir) for stage in stages or list(ORDER)}
+    return {stage: stage_task(stage, recipe, run_dir) for stage in stages or list(ORDER)}
 
 
 def deployments() -> list:

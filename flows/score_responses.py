@@ -17,17 +17,17 @@ from prefect import flow, task
 
 
 @task(name="score", retries=2, retry_delay_seconds=5)
-def score(recipe_path: str, run_dir: str | None = None) -> dict:
+def score(recipe: str, run_dir: str | None = None) -> dict:
     from fusechat.recipe import load_recipe
     from fusechat.scoring.stage import run_score
 
-    return asdict(run_score(load_recipe(recipe_path, run_dir=run_dir)))
+    return asdict(run_score(load_recipe(recipe, run_dir=run_dir)))
 
 
 @flow(name="score-responses")
-def score_responses(recipe_path: str, run_dir: str | None = None) -> dict:
+def score_responses(recipe: str, run_dir: str | None = None) -> dict:
     """Score every response: reward model, math answers, code tests; returns the stage manifest."""
-    return score(recipe_path, run_dir)
+    return score(recipe, run_dir)
 
 
 def deployments() -> list:

@@ -17,23 +17,23 @@ from fusechat.recipe import load_recipe
 
 
 @task(name="sft", retries=1)
-def sft(recipe_path: str, run_dir: str | None = None) -> dict:
+def sft(recipe: str, run_dir: str | None = None) -> dict:
     from fusechat.train.sft import run_sft
 
-    return asdict(run_sft(load_recipe(recipe_path, run_dir=run_dir)))
+    return asdict(run_sft(load_recipe(recipe, run_dir=run_dir)))
 
 
 @task(name="dpo", retries=1)
-def dpo(recipe_path: str, run_dir: str | None = None) -> dict:
+def dpo(recipe: str, run_dir: str | None = None) -> dict:
     from fusechat.train.dpo import run_dpo
 
-    return asdict(run_dpo(load_recipe(recipe_path, run_dir=run_dir)))
+    return asdict(run_dpo(load_recipe(recipe, run_dir=run_dir)))
 
 
 @flow(name="train-target")
-def train_target(recipe_path: str, run_dir: str | None = None) -> dict:
-    trained = sft(recipe_path, run_dir)
-    return {"sft": trained, "dpo": dpo(recipe_path, run_dir, wait_for=[trained])}
+def train_target(recipe: str, run_dir: str | None = None) -> dict:
+    trained = sft(recipe, run_dir)
+    return {"sft": trained, "dpo": dpo(recipe, run_dir, wait_for=[trained])}
 
 
 def deployments() -> list:
