@@ -322,3 +322,30 @@ def test_rerun_regenerates_nothing(evaluated):
     third = run_eval(recipe)
     assert {m: n > 0 for m, n in third.extra["computed_shards"].items()} == {m: m == "target-sft" for m in MODELS}
     assert third.models["target-sft"] != again.models["target-sft"]
+
+
+@pytest.mark.slow
+def test_model_that_fails_to_load_keeps_the_others(evaluated, tmp_path):
+    import pyarrow.parquet as pq
+
+    from fusechat.eval.stage import EvalError, run_eval
+    from fusechat.sampling.stage import LOAD_FAILED_REASON
+
+    recipe, _ = evaluated
+    broken = tmp_path / "broken-target"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": "not a number"}')
+    bad = recipe.model_copy(update={"target": recipe.target.model_copy(update={"model": str(broken)})})
+    with pytest.raises(EvalError, match=r"target-base.*broken-target"):
+        run_eval(bad)
+    out = recipe.run_path() / "eval"
+    man = json.loads((out / "manifest.json").read_text())
+    items = man["extra"]["sets"]
+    assert man["dropped"] == {LOAD_FAILED_REASON: sum(items.values())}
+    assert man["rows_in"] == man["rows_out"] + man["dropped"][LOAD_FAILED_REASON]
+    gen = pq.read_table(out / "generations.parquet").to_pylist()
+    assert {g["model"] for g in gen} == {"src-llama", "src-qwen", "target-sft"}  # kept, not regenerated
+    assert all(n == 0 for n in man["extra"]["computed_shards"].values())
+    # no base responses: no win rates, accuracies still there
+    res = pq.read_table(out / "results.parquet").to_pylist()
+    assert not [r for r in res if r["metric"] == "win_rate"] and len([r for r in res if r["domain"] == "average"]) == 3

@@ -64,7 +64,7 @@ def metrics(generations: list[dict], columns: list[str], totals: dict[str, int],
             out.append({"model": model, "domain": col, "metric": "accuracy", "value": acc})
         if accs:
             out.append({"model": model, "domain": AVERAGE, "metric": "accuracy", "value": sum(accs) / len(accs)})
-        if base is None or model == base:
+        if not base_reward or model == base:  # no base responses (it failed to load): nothing to compare
             continue
         pairs: dict[str, list[tuple[float, float]]] = {ALL: []}
         for g in rows:
