@@ -110,8 +110,10 @@ def rich_table(header: list[str], rows: list[list[str]], title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
+    # model names whole; narrow terminals wrap the headers instead
+    table.add_column(header[0], no_wrap=True, min_width=max(len(r[0]) for r in rows) if rows else None)
+    for h in header[1:]:
+        table.add_column(h, justify="right", overflow="fold", min_width=5)
     for r in rows:
         table.add_row(*r)
     return table
