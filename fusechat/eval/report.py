@@ -129,14 +129,14 @@ def plot(results: list[dict], models: list[str], columns: list[str], path: Path)
     value = {(r["model"], r["domain"]): r["value"] for r in results if r["metric"] == "accuracy"}
     groups = [*columns, AVERAGE]
     width = 0.8 / max(len(models), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(models) / 3)), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(groups) * max(1, len(models) / 3) + 2), 4))
     for k, m in enumerate(models):
         ys = [value.get((m, g), float("nan")) for g in groups]
         ax.bar([i + (k - (len(models) - 1) / 2) * width for i in range(len(groups))], ys, width, label=m)
     ax.set_xticks(range(len(groups)), groups, rotation=20)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, ncol=min(len(models), 4))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
