@@ -77,6 +77,8 @@ def test_layouts_give_prompts_golds_and_tests(tmp_path):
 def test_sanitized_mbpp_layout_and_boxed_scan():
     item = load_set("mbpp", [json.loads(line) for line in (FIX / "eval" / "mbpp_sanitized.jsonl").read_text().splitlines()])[0]
     assert item.setup == "import math" and len(item.tests) == 2
+    amc = load_set("amc23", [{"id": 0, "problem": "p", "question": "p", "answer": 27.0}])[0]
+    assert (amc.gold, amc.row_id, amc.column) == ("27", "0", "amc23")  # AMC23 keeps answers as floats
     assert last_boxed("a \\boxed{x^{2}} then \\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
     assert last_boxed("no box") is None and last_boxed("\\boxed{open") is None
 

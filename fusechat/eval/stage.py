@@ -66,7 +66,7 @@ def eval_models(recipe: Recipe) -> list[Source]:
 
     models.append(as_source(BASE, target.model, target.revision))
     for stage in TRAINED:
-        folder = stage_dir(recipe, "models") / recipe.name / stage
+        folder = recipe.run_path() / "models" / recipe.name / stage  # read only: no stage_dir, which creates it
         if (folder / "config.json").exists():
             models.append(as_source(f"target-{stage}", str(folder), trained_revision(folder)))
     names = [m.name for m in models]
