@@ -85,6 +85,7 @@ def train_reward(out: Path, *, steps: int = 300, batch: int = 32, lr: float = 1e
     from transformers import AutoTokenizer
 
     from fusechat.demo import world
+    from fusechat.run import atomic_dir
     from fusechat.scoring.armorm import gating_pattern_ids, load_armorm
     from fusechat.testing.tiny_armorm import build_tiny_armorm
 
@@ -122,14 +123,6 @@ def train_reward(out: Path, *, steps: int = 300, batch: int = 32, lr: float = 1e
             d: pair_accuracy(model, tokenizer, pattern, [p for p in held_out if p["domain"] == d], pad)
             for d in world.DOMAINS
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        for f in start.iterdir():
-            # not the weights, and not the builder's marker: this folder is no longer its random build
-            if f.name not in ("model.safetensors", "tiny-armorm-build.json") and f.is_file():
-                shutil.copy2(f, stage / f.name)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(stage / "model.safetensors"), metadata={"format": "pt"})
         report = {
             "steps": steps, "batch": batch, "lr": lr, "seed": seed, "train_pairs": len(train),
             "held_out_pairs": len(held_out), "held_out_accuracy_before": before,
@@ -137,11 +130,14 @@ def train_reward(out: Path, *, steps: int = 300, batch: int = 32, lr: float = 1e
             "train_seconds": round(time.time() - t0, 1), "score_scale_factor": factor,
             "score_std_target": TARGET_STD,
         }
-        (stage / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-        stage.chmod(0o755)  # mkdtemp makes it private; the model ships in the repository
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
+        with atomic_dir(out) as stage:
+            for f in start.iterdir():
+                # not the weights, and not the builder's marker: this folder is no longer its random build
+                if f.name not in ("model.safetensors", "tiny-armorm-build.json") and f.is_file():
+                    shutil.copy2(f, stage / f.name)
+            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(stage / "model.safetensors"), metadata={"format": "pt"})
+            (stage / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -10,10 +10,9 @@ is the Llama-3 tokenizer plus one added `[PAD]`, `regression_layer.weight` [19, 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from fusechat.run import atomic_dir
 
 _MARKER = "tiny-armorm-build.json"
 NUM_OBJECTIVES = 19
@@ -82,16 +81,9 @@ def build_tiny_armorm(
         state[f"gating.layers.{i}.bias"] = torch.randn(b, generator=g) * 0.1
     state["gating.logit_scale"] = torch.tensor([1.7])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(params, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
