@@ -399,3 +399,11 @@ def module_main(stage: str, fn) -> None:
     except RecipeError as e:
         print(str(e), file=sys.stderr)
         sys.exit(2)
+    # Wait for every rank, then tear the process group down before the interpreter exits. Rank 0
+    # writes the outputs after the others are done; a rank that exits with the group still up can
+    # abort (SIGABRT in gloo's teardown) while rank 0 is writing, and the launcher then kills rank 0.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
