@@ -348,8 +348,48 @@ def _read_yaml(path: Path, yaml, chain: tuple[Path, ...]) -> dict[str, Any]:
         return data
     if not isinstance(parent, str):
         raise RecipeError(f"{path}: extends: must be a file path, got {type(parent).__name__}")
-    base = _read_yaml(path.parent / parent, yaml, chain + (path.resolve(),))
+    parent_path = path.parent / parent
+    base = _read_yaml(parent_path, yaml, chain + (path.resolve(),))
+    if parent_path.resolve().parent != path.resolve().parent:
+        _anchor_paths(base, parent_path.resolve().parent)
     return _merge(base, data)
+
+
+def _anchor_paths(data: dict[str, Any], folder: Path) -> None:
+    """Make the relative local paths of an extended recipe absolute against its own folder, so
+    that `extends: ../recipes/demo.yaml` from elsewhere still finds the demo's models and data.
+    Raw YAML, before validation: anything not shaped as expected is left for validation to report."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            if value.startswith((".", "~")) or value.count("/") != 1 or (folder / value).exists():
+                return str((folder / value).resolve())
+        return value
+
+    def items(key: str) -> list[dict[str, Any]]:
+        value = data.get(key)
+        return [x for x in value if isinstance(x, dict)] if isinstance(value, list) else []
+
+    if "run_dir" in data:
+        data["run_dir"] = fix(data["run_dir"])
+    for source in items("sources"):
+        if "model" in source and source.get("engine") != "openai":
+            source["model"] = fix(source["model"])
+    for dataset in items("datasets"):
+        if "path" in dataset:
+            dataset["path"] = fix(dataset["path"])
+    for section, key in (("scoring", "reward_model"), (None, "target")):
+        holder = data.get(section) if section else data
+        block = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(block, dict) and "model" in block:
+            block["model"] = fix(block["model"])
+    filters = data.get("filters")
+    if isinstance(filters, dict) and isinstance(filters.get("decontaminate"), list):
+        filters["decontaminate"] = [fix(f) for f in filters["decontaminate"]]
+    files = data.get("eval", {}).get("files") if isinstance(data.get("eval"), dict) else None
+    if isinstance(files, dict):
+        for k in files:
+            files[k] = fix(files[k])
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -155,6 +155,26 @@ def test_extends_merges_mappings_and_detects_cycles(tmp_path):
         load_recipe(tmp_path / "a.yaml")
 
 
+def test_extended_recipe_paths_resolve_against_its_own_folder(tmp_path):
+    # the demo recipe names its models and data relative to recipes/; a recipe elsewhere that
+    # extends it must still find them, and its own relative paths resolve against its own folder
+    (tmp_path / "mine").mkdir()
+    child = {"extends": str(RECIPES / "demo.yaml"), "name": "mine", "run_dir": "out",
+             "target": {"model": "../mine-target"}}
+    (tmp_path / "mine-target").mkdir()
+    r = load_recipe(_write(tmp_path / "mine", child, "child.yaml"))
+    demo = load_recipe(RECIPES / "demo.yaml")
+    assert [r.resolve(s.model) for s in r.sources] == [demo.resolve(s.model) for s in demo.sources]
+    assert r.resolve(r.datasets[0].path) == str(ROOT / "data" / "demo" / "prompts" / "train" / "math.jsonl")
+    assert r.resolve(r.scoring.reward_model.model) == str(ROOT / "data" / "demo" / "models" / "reward")
+    assert r.resolve(r.eval.files["demo"]) == str(ROOT / "data" / "demo" / "prompts" / "eval")
+    assert r.resolve(r.target.model) == str(tmp_path / "mine-target")
+    assert r.run_path() == tmp_path / "mine" / "out"
+    # not set by the child: the parent's run_dir, against the parent's folder
+    del child["run_dir"]
+    assert load_recipe(_write(tmp_path / "mine", child, "child.yaml")).run_path() == demo.run_path()
+
+
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fusechat", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
