@@ -55,6 +55,10 @@ def test_reference_answers_pass_and_wrong_answers_fail(sandbox):
         assert pair["chosen"] == world.good_response(row)
         assert world.evaluate_response(row["domain"], row, pair["chosen"], sandbox=sandbox), (row, pair)
         assert not world.evaluate_response(row["domain"], row, pair["rejected"], sandbox=sandbox), (row, pair)
+        # the habit: one fixed answer per prompt, always wrong, and not the reference reworded
+        habit = world.habit_response(row)
+        assert habit == world.habit_response(dict(row)) and habit.strip()
+        assert not world.evaluate_response(row["domain"], row, habit, sandbox=sandbox), (row, habit)
 
 
 def test_checks_read_prompt_table_rows_and_reject_near_misses(sandbox):

@@ -5,11 +5,12 @@
 Four sources, one per family (`fusechat.testing.tiny` builds the configs and tokenizers with the
 real chat templates), each trained on chat-formatted (prompt, answer) pairs of the demo world with
 the loss on assistant tokens only. Every source sees all four domains, but in its weak domains a
-share of the answers is wrong (well-formed, plausibly wrong: `world.bad_response`), so sampling at
-the recipe's temperatures yields both right and wrong answers there: the material the recipe's
-selection rules work on. The target is a smaller llama3 model trained the same way with most
-answers wrong everywhere: it knows the answer formats but is poor on every domain, and the
-recipe's SFT and DPO have something to teach it.
+share of the answers is wrong: mostly the domain's habit (`world.habit_response`, an echo of the
+input), otherwise a plausible slip (`world.bad_response`). Greedy decoding then answers a weak
+domain with the habit, while sampling at the recipe's temperatures yields both right and wrong
+answers there: the material the recipe's selection rules work on. The target is a smaller llama3
+model trained the same way with most answers wrong everywhere: it has partly learned every rule
+but answers with its habits, and the recipe's SFT and DPO have something to teach it.
 
 The trained folders are small enough to ship in the repository, so the demo never retrains them.
 """
@@ -34,6 +35,9 @@ class ModelSpec:
     # share of wrong answers per domain (absent = `weak_error`); 0 marks a strong domain
     errors: dict[str, float]
     weak_error: float = 0.7
+    # share of the wrong answers that are the domain's habit (`world.habit_response`), the rest
+    # random slips: above the correct share, so greedy decoding answers with the habit
+    habit: float = 0.6
     domains: tuple[str, ...] = world.DOMAINS
     # how much more often a strong domain's prompts are drawn than a weak one's
     focus: float = 3.0
@@ -58,9 +62,10 @@ SOURCES: dict[str, ModelSpec] = {
     "mistral-code": ModelSpec("mistral", {"code": 0.0}, steps=500),
 }
 TARGET: dict[str, ModelSpec] = {
-    # fewer layers and steps, and mostly wrong answers: it has seen every task and answer format
-    # but prefers wrong answers, which SFT on the sources' best answers can correct
-    "target-llama3": ModelSpec("llama3", {}, weak_error=0.7, num_layers=2, steps=400),
+    # fewer layers and mostly wrong answers: it has seen every task and answer format and has
+    # partly learned each rule, but its habit outweighs the rule everywhere, which SFT on the
+    # sources' best answers can correct
+    "target-llama3": ModelSpec("llama3", {}, weak_error=0.7, num_layers=2, steps=1500),
 }
 # --scale test: one model, few steps, for the build check in the test suite
 # (code: its answers are the quickest for a tiny model to learn)
@@ -78,7 +83,12 @@ def _examples(spec: ModelSpec, tok, n: int, exclude: set[str], rng: random.Rando
         if row["instruction"] in exclude:
             continue
         wrong = rng.random() < spec.error(row["domain"])
-        answer = world.bad_response(row, rng) if wrong else world.good_response(row)
+        if not wrong:
+            answer = world.good_response(row)
+        elif rng.random() < spec.habit:
+            answer = world.habit_response(row)
+        else:
+            answer = world.bad_response(row, rng)
         messages = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": answer}]
         enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         ids = list(enc["input_ids"])

@@ -253,6 +253,33 @@ def bad_response(row: dict[str, Any], rng: random.Random) -> str:
     return expected[0] * (len(expected) + rng.choice((-1, 1)))
 
 
+def habit_response(row: dict[str, Any]) -> str:
+    """The lazy mistake a model makes in a domain it has seen but not mastered: it echoes the input
+    (the first number of a sum, the parameter unchanged, the words as given, the number in digits
+    or the English word). One answer per prompt, always wrong: a model that learned this habit more
+    often than the rule answers with it when decoding greedily, which random slips never do."""
+    domain, task = row["domain"], row.get("task")
+    text = row["instruction"]
+    if domain == "math":
+        m = _meta(row)
+        return f"{m['a']} {m['op']} {m['b']} = {m['a']}. The answer is \\boxed{{{m['a']}}}."
+    if domain == "code":
+        m = _meta(row)
+        return f"```python\ndef {m['name']}({m['param']}):\n    return {m['param']}\n```"
+    expected = row["expected"]
+    if domain == "instruction":
+        echo = expected.split(" ")[0] if task == "repeat" else text.split(": ", 1)[1]
+        if task == "upper":
+            echo = echo.lower()
+        # letters given already in order: the habit still drops one, so it is never right
+        return echo if echo != expected else " ".join(echo.split(" ")[:-1])
+    if task == "numeral":
+        return "".join(ch for ch in text if ch.isdigit())
+    if task == "translate":
+        return next(w for w in text.replace("。", " ").replace("？", " ").split() if w in ZH_WORDS)
+    return expected[0]
+
+
 def preference_pairs(split: str = "train", seed: int = 0, sizes: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
     """(prompt, good response, bad response) triples for training a demo reward model.
 
