@@ -237,6 +237,9 @@ class Eval(_Strict):
     files: dict[str, str] = Field(default_factory=dict, description="benchmark -> local file")
     max_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0.0)
+    sources: bool = Field(
+        True, description="evaluate the source models too (their rows of the table); false: the target models only"
+    )
     # Sources generate through their own engine and options; the target models (base, SFT, DPO) here.
     engine: Literal["vllm", "transformers"] = "vllm"
     engine_options: dict[str, Any] = Field(

@@ -57,7 +57,8 @@ def trained_revision(folder: Path) -> str:
 def eval_models(recipe: Recipe) -> list[Source]:
     """The models to evaluate, as sources of the derived recipe (row order of the table)."""
     sampling, every = eval_sampling(recipe), {d: 1 for d in DOMAINS}
-    models = [s.model_copy(update={"sampling": sampling, "responses": every}) for s in recipe.sources]
+    models = ([s.model_copy(update={"sampling": sampling, "responses": every}) for s in recipe.sources]
+              if recipe.eval.sources else [])
     target = recipe.target
 
     def as_source(name: str, model: str, revision: str | None) -> Source:
