@@ -4,16 +4,14 @@ command, and shards spread over a two-process Dask cluster."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from fusechat.testing.sampling_recipe import CHINESE, write_sampling_recipe
+from servers import running
 
 PREFECT = [sys.executable, "-m", "prefect"]
 
@@ -32,30 +30,19 @@ def _rows(folder):
 def test_served_deployment_samples_the_recipe(prefect_server, tiny_models, tmp_path):
     recipe = write_sampling_recipe(
         tmp_path, [_source("qwen", tiny_models["qwen2"], "qwen2", instruction=2, chinese=1)], instruction=3)
-    log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "flows.serve", "sample-sources"], env=prefect_server,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 90
-        while subprocess.run(PREFECT + ["deployment", "inspect", "sample-sources/local"], env=prefect_server,
-                             capture_output=True).returncode != 0:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.time() < deadline, "the deployment was never registered"
-            time.sleep(1)
+    def registered() -> bool:
+        return subprocess.run(PREFECT + ["deployment", "inspect", "sample-sources/local"], env=prefect_server,
+                              capture_output=True).returncode == 0
+
+    with running([sys.executable, "-m", "flows.serve", "sample-sources"], registered, tmp_path / "serve.log",
+                 env=prefect_server, timeout_s=90):
         run = subprocess.run(
             PREFECT + ["deployment", "run", "sample-sources/local", "--param", f"recipe={recipe}", "--watch",
                        "--watch-timeout", "300"],
             env=prefect_server, capture_output=True, text=True, timeout=330,
         )
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        assert "Completed" in run.stdout
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Completed" in run.stdout
     rows = _rows(tmp_path)
     assert len(rows) == 2 * 3 + len(CHINESE) and {r["source"] for r in rows} == {"qwen"}
     man = json.loads((tmp_path / "run" / "responses" / "manifest.json").read_text())
