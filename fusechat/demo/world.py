@@ -203,15 +203,24 @@ def _meta(row: dict[str, Any]) -> dict[str, Any]:
     return json.loads(meta) if isinstance(meta, str) else meta
 
 
+def _math_answer(m: dict[str, Any], value: Any) -> str:
+    """The one layout of every math answer in the world: the equation, then the boxed value."""
+    return f"{m['a']} {m['op']} {m['b']} = {value}. The answer is \\boxed{{{value}}}."
+
+
+def _code_answer(m: dict[str, Any], expr: str) -> str:
+    """The one layout of every code answer: the asked-for function returning `expr`."""
+    return f"```python\ndef {m['name']}({m['param']}):\n    return {expr}\n```"
+
+
 def good_response(row: dict[str, Any]) -> str:
     """The reference answer to a world row."""
     domain = row["domain"]
     if domain == "math":
-        m = _meta(row)
-        return f"{m['a']} {m['op']} {m['b']} = {row['gold_answer']}. The answer is \\boxed{{{row['gold_answer']}}}."
+        return _math_answer(_meta(row), row["gold_answer"])
     if domain == "code":
         m = _meta(row)
-        return f"```python\ndef {m['name']}({m['param']}):\n    return {m['expr']}\n```"
+        return _code_answer(m, m["expr"])
     return row["expected"]
 
 
@@ -221,8 +230,7 @@ def bad_response(row: dict[str, Any], rng: random.Random) -> str:
     if domain == "math":
         m = _meta(row)
         gold = int(row["gold_answer"])
-        wrong = gold + rng.choice((-2, -1, 1, 2, 10))
-        return f"{m['a']} {m['op']} {m['b']} = {wrong}. The answer is \\boxed{{{wrong}}}."
+        return _math_answer(m, gold + rng.choice((-2, -1, 1, 2, 10)))
     if domain == "code":
         m = _meta(row)
         p, k = m["param"], m["k"]
@@ -231,7 +239,7 @@ def bad_response(row: dict[str, Any], rng: random.Random) -> str:
         ))
         if wrong == m["expr"]:
             wrong = f"{m['expr']} + 1"
-        return f"```python\ndef {m['name']}({p}):\n    return {wrong}\n```"
+        return _code_answer(m, wrong)
     expected = row["expected"]
     if domain == "instruction":
         parts = expected.split(" ")
@@ -262,10 +270,10 @@ def habit_response(row: dict[str, Any]) -> str:
     text = row["instruction"]
     if domain == "math":
         m = _meta(row)
-        return f"{m['a']} {m['op']} {m['b']} = {m['a']}. The answer is \\boxed{{{m['a']}}}."
+        return _math_answer(m, m["a"])
     if domain == "code":
         m = _meta(row)
-        return f"```python\ndef {m['name']}({m['param']}):\n    return {m['param']}\n```"
+        return _code_answer(m, m["param"])
     expected = row["expected"]
     if domain == "instruction":
         echo = expected.split(" ")[0] if task == "repeat" else text.split(": ", 1)[1]
