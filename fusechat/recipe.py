@@ -365,7 +365,7 @@ def _anchor_paths(data: dict[str, Any], folder: Path) -> None:
 
     def fix(value: Any) -> Any:
         if isinstance(value, str) and not Path(value).expanduser().is_absolute():
-            if value.startswith((".", "~")) or value.count("/") != 1 or (folder / value).exists():
+            if is_local_path(value) or (folder / value).exists():
                 return str((folder / value).resolve())
         return value
 
