@@ -105,7 +105,9 @@ class RewardModel(_Strict):
     revision: str | None = None
     kind: Literal["armorm", "sequence_classification"] = "armorm"
     max_length: int = Field(4096, ge=8)
-    batch_tokens: int = Field(16384, ge=1, description="token budget of one scoring batch")
+    batch_tokens: int | None = Field(
+        None, ge=1, description="token budget of one scoring batch; none: 16384 on GPUs, 2048 on CPU"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     overlong: Literal["truncate", "skip"] = Field(
         "truncate", description="input over max_length: keep its head + final token, or leave unscored"

@@ -79,6 +79,38 @@ def test_batched_padded_equals_one_at_a_time(tiny_armorm, scorer):
         assert abs(a.score - b.score) <= 1e-5
 
 
+def test_shared_prompts_equal_one_pass_per_conversation(tiny_armorm):
+    """Replies of one prompt continue from its cached pass: the formula's scores, fewer tokens run."""
+    prompts = [CONVERSATIONS[0][:1], CONVERSATIONS[2][:2], CONVERSATIONS[4][:3]]  # plain, system, multi-turn
+    replies = ["4", "It is four, because two and two make four.", "Four. " * 12, "2 + 2 = 4.\n\nDone."]
+    convs = [p + [{"role": "assistant", "content": r}] for p in prompts for r in replies[: 2 + len(p)]]
+    convs += [CONVERSATIONS[1], CONVERSATIONS[3]]  # a prompt with one reply: the plain path
+    shared = RewardScorer(str(tiny_armorm), dtype="float32", device="cpu", batch_tokens=300)
+    ran = []  # real (non-pad) tokens that each backbone pass computes
+
+    def count(module, args, kwargs):
+        ran.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum()))
+
+    hook = shared.model.model.register_forward_pre_hook(count, with_kwargs=True)
+    got = shared.score(convs)
+    hook.remove()
+    for o, (score, rewards) in zip(got, reference_scores(tiny_armorm, convs)):
+        assert abs(o.score - score) <= 1e-5
+        assert max(abs(a - b) for a, b in zip(o.objectives, rewards)) <= 1e-5
+    # each prompt ran once, each reply once, each single conversation whole; in several batches
+    encoded = shared.encode_many(convs)
+    cuts = [find_gating_position(ids, shared.pattern) + len(shared.pattern) for ids in encoded]
+    grouped = range(len(convs) - 2)
+    unique_prompts = {tuple(encoded[i][: cuts[i]]) for i in grouped}
+    assert len(unique_prompts) == 3
+    needed = (sum(map(len, unique_prompts)) + sum(len(encoded[i]) - cuts[i] for i in grouped)
+              + len(encoded[-1]) + len(encoded[-2]))
+    assert sum(ran) == needed < sum(map(len, encoded)) and len(ran) > 3
+    unshared = RewardScorer(str(tiny_armorm), dtype="float32", device="cpu", batch_tokens=300, share_prompts=False)
+    for a, b in zip(got, unshared.score(convs)):
+        assert abs(a.score - b.score) <= 1e-5
+
+
 def test_one_bos_and_the_gating_position(scorer):
     ids = scorer.encode(CONVERSATIONS[4])
     assert ids.count(scorer.tokenizer.bos_token_id) == 1 and ids[0] == scorer.tokenizer.bos_token_id

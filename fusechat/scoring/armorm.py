@@ -74,10 +74,40 @@ class ArmoRM(nn.Module):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         last = attention_mask.sum(dim=-1) - 1  # last non-pad token: the <|eot_id|> of the reply
-        rewards = self.regression_layer(hidden[rows, last])
-        gates = self.gating(hidden[rows, gating_positions])
-        score = (gates * (rewards @ self.reward_transform_matrix)).sum(dim=-1)
-        return score, rewards
+        return self.heads(hidden[rows, last], hidden[rows, gating_positions])
+
+    def heads(self, reward_hidden: torch.Tensor, gating_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states at the reward and gating positions -> (score, objective rewards)."""
+        rewards = self.regression_layer(reward_hidden)
+        gates = self.gating(gating_hidden)
+        return (gates * (rewards @ self.reward_transform_matrix)).sum(dim=-1), rewards
+
+    def encode_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Right-padded prompts -> (hidden states, key/value cache that replies continue from)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+        return out.last_hidden_state, out.past_key_values
+
+    def continue_prompts(
+        self, cache, prompt_mask: torch.Tensor, prompt_rows: torch.Tensor,
+        input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Right-padded replies, row i after cached prompt `prompt_rows[i]` -> their hidden states.
+
+        The same causal attention over the same tokens as one pass over prompt + reply: the reply's
+        positions start at its prompt's length, and the prompt's padding slots are masked out.
+        """
+        from transformers import DynamicCache
+
+        past = DynamicCache(config=self.config)
+        for layer_idx, layer in enumerate(cache.layers):
+            past.update(layer.keys[prompt_rows], layer.values[prompt_rows], layer_idx)
+        prompt_mask = prompt_mask[prompt_rows]
+        steps = torch.arange(input_ids.shape[1], device=input_ids.device)
+        positions = prompt_mask.sum(dim=-1, keepdim=True) + steps
+        return self.model(
+            input_ids=input_ids, attention_mask=torch.cat([prompt_mask, attention_mask], dim=1),
+            position_ids=positions, past_key_values=past, use_cache=True,
+        ).last_hidden_state
 
 
 class CheckpointError(FusechatError, ValueError):

@@ -3,13 +3,17 @@
 Input: the reward model's own chat template applied once to the conversation (prompt turns plus
 the assistant reply), no generation prompt, tokenized without adding special tokens again (exactly
 one BOS). Batches are formed over length-sorted inputs under a token budget (`batch_tokens`
-counts padded tokens), right-padded with an attention mask. dtype "auto": bfloat16 on CUDA,
-float32 on CPU. Inputs longer than the model's context are truncated (the head of the
+counts padded tokens), right-padded with an attention mask. ArmoRM replies that follow the same
+prompt tokens (the samples of one prompt, 20-32 per prompt in the recipe) share one pass over the
+prompt: its key/value cache is computed once and each reply continues from it, which gives the
+scores of one pass per conversation with the prompt's arithmetic done once. dtype "auto": bfloat16
+on CUDA, float32 on CPU. Inputs longer than the model's context are truncated (the head of the
 conversation plus the final end-of-turn token, where the reward is read) or skipped, per option.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,8 +65,9 @@ class RewardScorer:
         dtype: str = "auto",
         device: str | None = None,
         max_length: int = 4096,
-        batch_tokens: int = 16384,
+        batch_tokens: int | None = None,
         overlong: Literal["truncate", "skip"] = "truncate",
+        share_prompts: bool = True,
     ):
         import torch
         from transformers import AutoTokenizer
@@ -71,7 +76,11 @@ class RewardScorer:
             raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
         self.device = device or default_device()
         self.dtype = resolve_dtype(dtype, self.device)
-        self.kind, self.batch_tokens, self.overlong = kind, batch_tokens, overlong
+        self.kind, self.overlong = kind, overlong
+        # On CPU, batches beyond a few thousand tokens run slower per token: their activations
+        # (tokens x intermediate size) no longer fit in the caches. GPUs want large batches.
+        self.batch_tokens = batch_tokens or (2048 if self.device == "cpu" else 16384)
+        self.share_prompts = share_prompts and kind == "armorm"
         self.tokenizer = tok = AutoTokenizer.from_pretrained(model_path)
         if kind == "armorm":
             from fusechat.scoring.armorm import gating_pattern_ids, load_armorm
@@ -126,17 +135,20 @@ class RewardScorer:
             return f"overlong prompt: the prompt alone exceeds max_length {self.max_length} ({len(ids)} tokens)"
         return ids[: self.max_length - 1] + ids[-1:], gpos, True
 
-    def _forward(self, batch: list[tuple[list[int], int, bool]]):
+    def _pad(self, seqs: list[list[int]]):
+        """Right-padded ids and their attention mask, on the model's device."""
         torch = self._torch
-        width = max(len(ids) for ids, _, _ in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, _, _) in enumerate(batch):
+        input_ids = torch.full((len(seqs), max(map(len, seqs))), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(input_ids.shape, dtype=torch.long)
+        for row, ids in enumerate(seqs):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        return input_ids.to(self.device), mask.to(self.device)
+
+    def _forward(self, batch: list[tuple[list[int], int, bool]]):
+        input_ids, mask = self._pad([ids for ids, _, _ in batch])
         if self.kind == "armorm":
-            gpos = torch.tensor([g for _, g, _ in batch], device=self.device)
+            gpos = self._torch.tensor([g for _, g, _ in batch], device=self.device)
             score, objectives = self.model(input_ids, mask, gpos)
         else:
             logits = self._classify(input_ids, mask)
@@ -144,6 +156,42 @@ class RewardScorer:
         score = score.float().cpu().tolist()
         objectives = objectives.float().cpu().tolist() if objectives is not None else [None] * len(batch)
         return score, objectives
+
+    def _shared(self, groups: list[tuple[list[int], int, list[tuple[int, list[int]]]]]):
+        """(keys, scores, objectives) per batch of replies; a group = (prompt ids, gating position,
+        [(key, reply ids)]). Prompts are batched under the token budget, then their replies, each
+        reply batch counting its prompts' padded width too (their cache is part of its attention)."""
+        torch, model = self._torch, self.model
+        for prompt_batch in token_batches([len(g[0]) for g in groups], self.batch_tokens):
+            chosen = [groups[k] for k in prompt_batch]
+            ids, mask = self._pad([prompt for prompt, _, _ in chosen])
+            hidden, cache = model.encode_prompts(ids, mask)
+            at = torch.tensor([g for _, g, _ in chosen], device=self.device)
+            gating_hidden = hidden[torch.arange(len(chosen), device=self.device), at]
+            del hidden
+            replies = [(row, key, reply) for row, (_, _, members) in enumerate(chosen) for key, reply in members]
+            for batch in token_batches([ids.shape[1] + len(r) for _, _, r in replies], self.batch_tokens):
+                rows = torch.tensor([replies[b][0] for b in batch], device=self.device)
+                reply_ids, reply_mask = self._pad([replies[b][2] for b in batch])
+                h = model.continue_prompts(cache, mask, rows, reply_ids, reply_mask)
+                last = h[torch.arange(len(batch), device=self.device), reply_mask.sum(dim=-1) - 1]
+                score, objectives = model.heads(last, gating_hidden[rows])
+                yield [replies[b][1] for b in batch], score.float().cpu().tolist(), objectives.float().cpu().tolist()
+
+    def _batches(self, ready: list[tuple[list[int], int, bool]]):
+        """(indices into ready, scores, objectives) per forward pass."""
+        plain = list(range(len(ready)))
+        if self.share_prompts:
+            by_prompt: dict[tuple[int, ...], list[int]] = defaultdict(list)
+            for j, (ids, gpos, _) in enumerate(ready):
+                by_prompt[tuple(ids[: gpos + len(self.pattern)])].append(j)
+            plain = [js[0] for js in by_prompt.values() if len(js) == 1]
+            groups = [(list(prompt), ready[js[0]][1], [(j, ready[j][0][len(prompt):]) for j in js])
+                      for prompt, js in by_prompt.items() if len(js) > 1]
+            yield from self._shared(groups)
+        for batch in token_batches([len(ready[j][0]) for j in plain], self.batch_tokens):
+            js = [plain[b] for b in batch]
+            yield js, *self._forward([ready[j] for j in js])
 
     def _classify(self, input_ids, mask):
         m = self.model
@@ -174,8 +222,7 @@ class RewardScorer:
         # every new (batch, length) shape, and scoring sees a new shape in almost every batch.
         backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         with self._torch.inference_mode(), sdpa_kernel(backends):
-            for batch in token_batches([len(p[0]) for _, p in ready], self.batch_tokens):
-                scores, objectives = self._forward([ready[j][1] for j in batch])
+            for batch, scores, objectives in self._batches([p for _, p in ready]):
                 for j, s, o in zip(batch, scores, objectives):
                     i, (_, _, truncated) = ready[j]
                     out[i] = RewardOutput(s, o, truncated, "input truncated to max_length" if truncated else "")

@@ -280,6 +280,8 @@ def _shards(recipe: Recipe, rows: list[dict], revision: str, shards_dir: Path):
     reward_settings = [rm.model, revision, rm.kind, rm.max_length, rm.overlong, rm.dtype]
     check_settings = [s.math.model_dump(), s.code.model_dump()]
     size = s.shard_size
+    # all samples of a prompt, from every source, in one shard: the reward model reads the prompt once
+    rows = sorted(rows, key=lambda r: r["prompt_id"])
     for k in range(0, len(rows), size):
         part = rows[k : k + size]
         content = stable_hash([(r["response_id"], r["text"]) for r in part])
