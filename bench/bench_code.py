@@ -1,6 +1,6 @@
 """Benchmark code checks: the sandbox's warm fork servers against one fresh interpreter per check.
 
-    .venv/bin/python bench/bench_code.py [--checks 300] [--workers 2]
+    .venv/bin/python bench/bench_code.py [--checks 300] [--workers 2] [--isolation auto|uid|userns|none]
 
 The baseline is the human-eval pattern: `python -c program` in a subprocess with a timeout, the
 same number of checks running in parallel. Both run the same programs (a function plus three
@@ -45,11 +45,12 @@ def main() -> None:
     ap.add_argument("--checks", type=int, default=300)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=10.0)
+    ap.add_argument("--isolation", default="auto", choices=["auto", "uid", "userns", "none"])
     args = ap.parse_args()
     checks = programs(args.checks)
 
     t0 = time.perf_counter()
-    with Sandbox(workers=args.workers, timeout_s=args.timeout, memory_mb=512) as sb:
+    with Sandbox(workers=args.workers, timeout_s=args.timeout, memory_mb=512, isolation=args.isolation) as sb:
         t_start = time.perf_counter() - t0
         t1 = time.perf_counter()
         ours = [r.status for r in sb.run_many(checks)]

