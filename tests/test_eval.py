@@ -160,9 +160,9 @@ def test_humaneval_program_assembly():
 
 
 # -- metrics and outputs ------------------------------------------------------------------------
-def _g(model, pid, reward, correct=None, column="c", set_="s", text="an answer"):
+def _g(model, pid, reward, correct=None, column="c", set_="s", text=None):
     return {"model": model, "set": set_, "prompt_id": pid, "column": column, "correct": correct, "reward": reward,
-            "text": text}
+            "text": f"the answer of {model} to {pid}" if text is None else text}
 
 
 def test_win_rate_and_accuracy_on_a_hand_made_table():
@@ -176,8 +176,11 @@ def test_win_rate_and_accuracy_on_a_hand_made_table():
     # an empty response has no reward but loses to any scored one; two empty ones tie
     base.append(_g("base", "6", None, column="d", text=" "))
     empty = [_g("e", "1", None, text=""), _g("e", "2", 0.1), _g("e", "6", None, column="d", text="")]
+    # the base's own text is a tie even where its batch rounded the reward differently
+    same = [_g("t", "1", 0.5 + 1e-7, text=base[0]["text"]), _g("t", "2", 2.0 - 1e-7, text=base[1]["text"])]
     res = {(r["model"], r["domain"], r["metric"]): r["value"]
-           for r in metrics(base + model + other + empty, ["c"], {"c": 5}, "base")}
+           for r in metrics(base + model + other + empty + same, ["c"], {"c": 5}, "base")}
+    assert res[("t", "all", "win_rate")] == 50.0
     assert res[("m", "all", "win_rate")] == pytest.approx(62.5)
     assert res[("m", "c", "win_rate")] == pytest.approx(62.5)
     assert res[("o", "all", "win_rate")] == 0.0 and res[("o", "all", "win_rate_prompts")] == 1.0

@@ -47,12 +47,14 @@ def metrics(generations: list[dict], columns: list[str], totals: dict[str, int],
     `totals[column]` is the number of items in the column's set: a prompt a model did not answer
     (too long for its context, say) counts as wrong, so every model is measured on the whole set.
     Win rate: per column and over all prompts, against `base`'s response to the same prompt where
-    both responses have a reward (an empty response counts as the lowest reward).
+    both responses have a reward (an empty response counts as the lowest reward); the same text
+    as the base's is a tie.
     """
     by_model: dict[str, list[dict]] = {}
     for g in generations:
         by_model.setdefault(g["model"], []).append(g)
     base_reward = {(g["set"], g["prompt_id"]): _reward(g) for g in by_model.get(base, []) if _reward(g) is not None}
+    base_text = {(g["set"], g["prompt_id"]): g["text"] for g in by_model.get(base, [])}
     out = []
     for model, rows in by_model.items():
         accs = []
@@ -71,6 +73,9 @@ def metrics(generations: list[dict], columns: list[str], totals: dict[str, int],
             key, reward = (g["set"], g["prompt_id"]), _reward(g)
             if reward is None or key not in base_reward:
                 continue
+            if g["text"] == base_text[key]:
+                # the base's own reply is a tie, whatever rounding its batch gave the reward
+                reward = base_reward[key]
             pairs[ALL].append((reward, base_reward[key]))
             pairs.setdefault(g["column"] or g["set"], []).append((reward, base_reward[key]))
         for domain, ps in pairs.items():
