@@ -183,9 +183,14 @@ class RewardScorer:
         plain = list(range(len(ready)))
         if self.share_prompts:
             by_prompt: dict[tuple[int, ...], list[int]] = defaultdict(list)
+            plain = []
             for j, (ids, gpos, _) in enumerate(ready):
-                by_prompt[tuple(ids[: gpos + len(self.pattern)])].append(j)
-            plain = [js[0] for js in by_prompt.values() if len(js) == 1]
+                cut = gpos + len(self.pattern)
+                if cut < len(ids):
+                    by_prompt[tuple(ids[:cut])].append(j)
+                else:  # nothing after the prompt (a template without an end-of-turn token)
+                    plain.append(j)
+            plain += [js[0] for js in by_prompt.values() if len(js) == 1]
             groups = [(list(prompt), ready[js[0]][1], [(j, ready[j][0][len(prompt):]) for j in js])
                       for prompt, js in by_prompt.items() if len(js) > 1]
             yield from self._shared(groups)
