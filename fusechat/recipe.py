@@ -123,6 +123,10 @@ class CodeCheck(_Strict):
     timeout_s: float = Field(10.0, gt=0)
     memory_mb: int = Field(1024, ge=16)
     workers: int = Field(2, ge=1)
+    isolation: Literal["auto", "uid", "userns", "none"] = Field(
+        "auto", description="sandbox mode: auto = the strongest this machine allows (a warning when that is "
+        "none); uid (root), userns or none insist on that mode, and the stage stops if it is refused"
+    )
 
 
 class Scoring(_Strict):

@@ -95,6 +95,36 @@ def test_isolation_reported(sandbox, request):
         assert "namespaces unavailable" in sandbox.isolation["reason"], sandbox.isolation
 
 
+def test_root_in_a_user_namespace_falls_back_to_userns(tmp_path):
+    """Root inside a user namespace (a rootless container) cannot switch to the checks' uid: that
+    mode is refused with its reason, and "auto" takes the user namespace instead."""
+    script = tmp_path / "inside.py"
+    script.write_text(textwrap.dedent(f"""
+        import ctypes, os, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        uid, gid = os.geteuid(), os.getegid()
+        assert ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0, "no user namespace here"
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {{uid}} 1"), ("gid_map", f"0 {{gid}} 1")):
+            with open(f"/proc/self/{{name}}", "w") as f:
+                f.write(text)
+        from fusechat.scoring.sandbox import Check, IsolationUnavailable, Sandbox
+        try:
+            Sandbox(workers=1, isolation="uid")
+            print("uid accepted")
+        except IsolationUnavailable as e:
+            print("uid refused:", e)
+        with Sandbox(workers=1, timeout_s=5) as sb:
+            r = sb.run(Check("def f():\\n    return 1\\n", ["assert f() == 1"]))
+            print("auto", sb.isolation["mode"], r.status)
+    """))
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "uid refused: sandbox isolation 'uid' is refused here" in out.stdout, out.stdout
+    assert "auto userns pass" in out.stdout, out.stdout
+
+
 def test_userns_checks_see_only_themselves():
     """The mode a user without root gets: own PID namespace and /proc, not root inside, its folder
     the only writable place, home hidden."""

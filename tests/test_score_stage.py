@@ -139,7 +139,11 @@ def test_checks_per_domain(scored):
     assert rows["r13"]["reward"] is None and "empty response" in rows["r13"]["check_detail"]
     assert rows["r13"]["truncated"] and not rows["r01"]["truncated"]
     assert rows["r14"]["reward"] is not None  # decoded with replacement characters, then scored
-    assert manifest.extra["sandbox"]["isolated"] == (__import__("os").geteuid() == 0)
+    sandbox = manifest.extra["sandbox"]
+    if __import__("os").geteuid() == 0:
+        assert sandbox["isolated"] and sandbox["mode"] == "uid", sandbox
+    else:
+        assert sandbox["isolated"] == (sandbox["mode"] == "userns"), sandbox
     summary = {(s["source"], s["domain"]): s for s in manifest.extra["summary"]}
     assert summary[("beta", "math")]["math_correct_rate"] == 0.0
     assert summary[("alpha", "code")]["code_pass_rate"] == 1.0
@@ -159,6 +163,19 @@ def test_rewards_are_the_scorers(scored, tiny_armorm):
     for i, d in zip(ids, direct):
         assert abs(rows[i]["reward"] - d.score) <= 1e-5
         assert len(rows[i]["objective_rewards"]) == 19
+
+
+def test_the_recipe_picks_the_sandbox_mode(scored):
+    from fusechat.scoring.stage import _Checkers
+
+    recipe = scored[0].model_copy(deep=True)
+    recipe.scoring.code.isolation = "userns"  # what a user without root gets, insisted on
+    checkers = _Checkers(recipe)
+    try:
+        (result,) = checkers.code_many([("```python\ndef f():\n    return 2\n```", ["assert f() == 2"], "", "")], None)
+        assert result.status == "pass" and checkers.code.sandbox.isolation["mode"] == "userns"
+    finally:
+        checkers.close()
 
 
 def test_rerun_computes_only_missing_shards(scored):

@@ -77,8 +77,8 @@ def _describe(result: CheckResult) -> str:
 class CodeChecker:
     """Static analysis in this process, execution in a pool of sandbox servers."""
 
-    def __init__(self, workers: int = 2, timeout_s: float = 10.0, memory_mb: int = 1024):
-        self.sandbox = Sandbox(workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
+    def __init__(self, workers: int = 2, timeout_s: float = 10.0, memory_mb: int = 1024, isolation: str = "auto"):
+        self.sandbox = Sandbox(workers=workers, timeout_s=timeout_s, memory_mb=memory_mb, isolation=isolation)
 
     def check_many(self, items: list[tuple[str, list[str], str, str]], progress=None) -> list[CodeResult]:
         """(response text, test asserts, setup after the code, prelude before it) -> results, in order."""

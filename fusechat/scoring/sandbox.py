@@ -50,6 +50,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+try:  # the scorer's side; a server runs this file alone, with the standard library only
+    from fusechat.errors import FusechatError as _UserError
+except ImportError:
+    _UserError = RuntimeError
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
@@ -68,6 +73,10 @@ FILE_SIZE_BYTES = 16 * 1024 * 1024
 OUTPUT_CAP = 8 * 1024
 ERROR_CAP = 500
 PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+class IsolationUnavailable(_UserError):
+    """The isolation mode a caller insisted on is refused on this machine."""
 
 
 @dataclass
@@ -199,7 +208,7 @@ REASONS = {
 }
 
 
-def _probe_isolation(requested: str) -> tuple[str, dict, dict]:
+def _probe_isolation(requested: str, uid: int) -> tuple[str, dict, dict]:
     """(mode, hidden folders, report): fork throwaway children that try the isolation."""
     if requested == "none" or not sys.platform.startswith("linux"):
         why = "isolation off" if requested == "none" else f"not Linux ({sys.platform})"
@@ -208,7 +217,7 @@ def _probe_isolation(requested: str) -> tuple[str, dict, dict]:
     failures = [] if os.geteuid() == 0 or requested != "auto" else ["uid: not root"]
     for mode in candidates:
         hidden = _hidden_interpreter_dirs() if mode == "uid" else _home_dirs()
-        msg = _try_isolation(mode, hidden)
+        msg = _try_isolation(mode, hidden, uid)
         if msg == "ok":
             return mode, hidden, {"isolated": True, "mode": mode, "reason": REASONS[mode]}
         failures.append(f"{mode}: {msg}")
@@ -216,7 +225,7 @@ def _probe_isolation(requested: str) -> tuple[str, dict, dict]:
                         "reason": f"namespaces unavailable ({'; '.join(failures)}): limits, folder, env, timeout only"}
 
 
-def _try_isolation(mode: str, hidden: dict) -> str:
+def _try_isolation(mode: str, hidden: dict, uid: int) -> str:
     if mode == "uid" and os.geteuid() != 0:
         return "not root"
     work = tempfile.mkdtemp(prefix="fusechat-probe-")
@@ -237,6 +246,10 @@ def _try_isolation(mode: str, hidden: dict) -> str:
                     os._exit(0)
                 os.wait()
             else:
+                # root inside a user namespace (a rootless container) may lack the checks' uid
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
                 os.write(w, b"ok")
         except OSError as e:
             os.write(w, str(e).encode()[:400])
@@ -419,7 +432,7 @@ def serve(uid: int, requested: str) -> None:
     if sys.platform.startswith("linux"):
         # orphans of a check come back to this server to be reaped, not to the machine's init
         _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    mode, hidden, iso = _probe_isolation(requested)
+    mode, hidden, iso = _probe_isolation(requested, uid)
     base = tempfile.mkdtemp(prefix="fusechat-sandbox-")
     os.chmod(base, 0o711)  # the checks' uid must reach its own folder inside
     reply = os.fdopen(os.dup(1), "w")
@@ -511,8 +524,9 @@ class _Server:
 class Sandbox:
     """A pool of `workers` sandbox servers; `run` and `run_many` are safe to call from threads.
 
-    isolation: "auto" (as root: "uid", else "userns", else none), or one of "uid", "userns" and
-    "none" to insist on it (a mode the machine refuses is reported as not isolated).
+    isolation: "auto" (as root: "uid", else "userns", else none, which is reported), or one of
+    "uid", "userns" and "none" to insist on it: a mode the machine refuses raises
+    IsolationUnavailable with the reason.
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 10.0, memory_mb: int = 1024, isolation: str = "auto"):
@@ -525,6 +539,9 @@ class Sandbox:
             self._idle.put(i)
         self._lock = threading.Lock()
         self.isolation = self._servers[0].info["isolation"]
+        if isolation not in ("auto", self.isolation["mode"]):
+            self.close()
+            raise IsolationUnavailable(f"sandbox isolation {isolation!r} is refused here: {self.isolation['reason']}")
 
     def run(self, check: Check) -> CheckResult:
         req = {"code": check.code, "tests": list(check.tests), "setup": check.setup, "prelude": check.prelude,

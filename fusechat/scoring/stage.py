@@ -229,7 +229,8 @@ class _Checkers:
 
         if self.code is None:
             c = self.recipe.scoring.code
-            self.code = CodeChecker(workers=c.workers, timeout_s=c.timeout_s, memory_mb=c.memory_mb)
+            self.code = CodeChecker(workers=c.workers, timeout_s=c.timeout_s, memory_mb=c.memory_mb,
+                                    isolation=c.isolation)
             isolation = self.code.sandbox.isolation
             if not isolation["isolated"]:
                 from rich.console import Console
