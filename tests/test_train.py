@@ -266,11 +266,19 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(tiny_models, tmp_path)
     r = load_recipe(recipe)
     trainer, paths, _ = build_trainer(r, tmp_path / "run" / "models" / r.name / "sft")
     trainer.add_callback(Steps)
-    with pytest.raises(RecipeError, match="checkpoints of a run with other settings or data"):
-        common.train_resuming(trainer, "another run")
-    _, resumed = common.train_resuming(trainer, common.run_key(r.sft, r.resolve(r.target.model), paths))
+    key = common.run_key(r.sft, r.resolve(r.target.model), paths)
+    _, resumed = common.train_resuming(trainer, key)
     assert resumed == step
     assert Steps.steps == list(range(step + 1, 41))  # continued after the checkpoint, not from 0
+    # the same folder under other settings or data: never resumed; the old checkpoints move aside
+    Steps.steps.clear()
+    trainer.args.max_steps = 4
+    _, resumed = common.train_resuming(trainer, "another run")
+    assert resumed == 0 and Steps.steps == [1, 2, 3, 4]
+    previous = ckpts.with_name("checkpoints.previous")
+    assert (previous / "fusechat-run-key.txt").read_text() == key
+    assert common.last_complete_checkpoint(previous).name == "checkpoint-40"
+    assert common.last_complete_checkpoint(ckpts).name == "checkpoint-4"
 
 
 def test_bad_rows_and_settings_are_clear_errors(tiny_models, tmp_path, monkeypatch):

@@ -261,15 +261,25 @@ def train_resuming(trainer, key: str) -> tuple[Any, int]:
     continues where it stopped when the same command runs again). Returns the output and the step
     it resumed from (0 for a fresh start).
 
-    `key` identifies what the checkpoints are of (settings + data); checkpoints of another key are
-    an error rather than a silent resume of a different run."""
+    `key` identifies what the checkpoints are of (settings + data). Checkpoints of another key are
+    never resumed: after a recipe or its data changed, the run starts over and the earlier
+    checkpoints move to `<checkpoints>.previous` (replacing an older such set, so at most one is
+    kept besides the current run)."""
+    import shutil
+
     ckpt_dir = Path(trainer.args.output_dir)
     marker = ckpt_dir / "fusechat-run-key.txt"
     last = last_complete_checkpoint(ckpt_dir)
-    if last and marker.exists() and marker.read_text().strip() != key:
-        raise RecipeError(
-            f"{ckpt_dir}: checkpoints of a run with other settings or data; move them away to start over"
-        )
+    stale = last is not None and marker.exists() and marker.read_text().strip() != key
+    trainer.accelerator.wait_for_everyone()  # every rank has looked before anything moves
+    if stale:
+        previous = ckpt_dir.with_name(ckpt_dir.name + ".previous")
+        if trainer.accelerator.is_main_process:
+            shutil.rmtree(previous, ignore_errors=True)
+            ckpt_dir.rename(previous)
+            log(f"checkpoints of other settings or data moved to {previous}; starting over")
+        trainer.accelerator.wait_for_everyone()
+        last = None
     if trainer.accelerator.is_main_process:
         atomic_write_bytes(marker, key.encode())
     resumed = int(last.name.split("-")[-1]) if last else 0
