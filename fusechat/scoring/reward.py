@@ -180,20 +180,17 @@ class RewardScorer:
 
     def _batches(self, ready: list[tuple[list[int], int, bool]]):
         """(indices into ready, scores, objectives) per forward pass."""
-        plain = list(range(len(ready)))
+        plain, groups = list(range(len(ready))), []
         if self.share_prompts:
             by_prompt: dict[tuple[int, ...], list[int]] = defaultdict(list)
-            plain = []
             for j, (ids, gpos, _) in enumerate(ready):
-                cut = gpos + len(self.pattern)
-                if cut < len(ids):
-                    by_prompt[tuple(ids[:cut])].append(j)
-                else:  # nothing after the prompt (a template without an end-of-turn token)
-                    plain.append(j)
-            plain += [js[0] for js in by_prompt.values() if len(js) == 1]
+                # the prompt ends with the gating pattern; the reply keeps at least the token the
+                # reward is read at
+                by_prompt[tuple(ids[: min(gpos + len(self.pattern), len(ids) - 1)])].append(j)
+            plain = [js[0] for js in by_prompt.values() if len(js) == 1]
             groups = [(list(prompt), ready[js[0]][1], [(j, ready[j][0][len(prompt):]) for j in js])
                       for prompt, js in by_prompt.items() if len(js) > 1]
-            yield from self._shared(groups)
+        yield from self._shared(groups)
         for batch in token_batches([len(ready[j][0]) for j in plain], self.batch_tokens):
             js = [plain[b] for b in batch]
             yield js, *self._forward([ready[j] for j in js])

@@ -61,7 +61,7 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 24, 38, 36
-SYS_MOUNT_SETATTR = {"x86_64": 442, "aarch64": 442}  # the same number on every architecture since 5.12
+SYS_MOUNT_SETATTR = 442  # the same number on every architecture (Linux 5.12+)
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 USERNS_UID = 1000  # the checks' uid inside their user namespace: not root there, so no way back to caps
 # Server i of scorer process P runs its checks as uid sandbox_uid(P, i): one uid per server so that
@@ -107,6 +107,11 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
+def _interpreter_dirs() -> set[str]:
+    """The folders a check's interpreter reads: its prefixes and its import path."""
+    return {sys.base_prefix, sys.prefix, *(p for p in sys.path if p and os.path.isdir(p))}
+
+
 def _hidden_interpreter_dirs() -> dict[str, list[str]]:
     """Interpreter folders behind a folder other users cannot enter (e.g. a Python under /root).
 
@@ -115,8 +120,7 @@ def _hidden_interpreter_dirs() -> dict[str, list[str]]:
     unprivileged uid can import the standard library without seeing anything else there.
     """
     plan: dict[str, list[str]] = {}
-    wanted = {sys.base_prefix, sys.prefix, *(p for p in sys.path if p and os.path.isdir(p))}
-    for d in sorted(os.path.abspath(p) for p in wanted):
+    for d in sorted(os.path.abspath(p) for p in _interpreter_dirs()):
         parts = d.split(os.sep)
         for i in range(2, len(parts)):
             anc = os.sep.join(parts[:i])
@@ -139,36 +143,35 @@ def _isolate(libc, hidden: dict[str, list[str]], mode: str, work: str) -> None:
     tmpfs mounts; leaves the process in `work`; raises OSError."""
     import ctypes
 
-    check = _check
     if mode == "userns":
         uid, gid = os.geteuid(), os.getegid()
-        check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS), "unshare")
+        _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS), "unshare")
         for name, text in (("setgroups", "deny"), ("uid_map", f"{USERNS_UID} {uid} 1"),
                            ("gid_map", f"{USERNS_UID} {gid} 1")):
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(text)
     else:
-        check(libc.unshare(CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS), "unshare")
+        _check(libc.unshare(CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS), "unshare")
     # without this a mount below could propagate back to the host's mount namespace
-    check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+    _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
     if mode == "userns":
         # the checks run as the user: every mount read-only, then the check's folder writable again
         # (mount_setattr: the one call that makes a whole tree read-only; Python has no binding)
         attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, 0, 0)
-        number = SYS_MOUNT_SETATTR.get(os.uname().machine, 442)
-        check(libc.syscall(number, AT_FDCWD, b"/", AT_RECURSIVE, attr, ctypes.sizeof(attr)), "mount_setattr / ro")
-        check(libc.mount(work.encode(), work.encode(), None, MS_BIND, None), f"bind {work}")
-        check(libc.mount(None, work.encode(), None, MS_BIND | MS_REMOUNT, None), f"remount {work} rw")
+        rc = libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, attr, ctypes.sizeof(attr))
+        _check(rc, "mount_setattr / ro")
+        _check(libc.mount(work.encode(), work.encode(), None, MS_BIND, None), f"bind {work}")
+        _check(libc.mount(None, work.encode(), None, MS_BIND | MS_REMOUNT, None), f"remount {work} rw")
     os.chdir(work)  # before the tmpfs mounts: the folder stays reachable through the cwd
     for d in PRIVATE_TMPFS:
         if os.path.isdir(d):
-            check(libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"size=16m,mode=1777"), f"mount tmpfs {d}")
+            _check(libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"size=16m,mode=1777"), f"mount tmpfs {d}")
     for blocked, keep in hidden.items():
         fds = [os.open(k, os.O_PATH) for k in keep]
-        check(libc.mount(b"tmpfs", blocked.encode(), b"tmpfs", 0, b"size=1m,mode=755"), f"mount tmpfs {blocked}")
+        _check(libc.mount(b"tmpfs", blocked.encode(), b"tmpfs", 0, b"size=1m,mode=755"), f"mount tmpfs {blocked}")
         for k, fd in zip(keep, fds):
             os.makedirs(k, exist_ok=True)
-            check(libc.mount(f"/proc/self/fd/{fd}".encode(), k.encode(), None, MS_BIND | MS_REC, None), f"bind {k}")
+            _check(libc.mount(f"/proc/self/fd/{fd}".encode(), k.encode(), None, MS_BIND | MS_REC, None), f"bind {k}")
             os.close(fd)
 
 
@@ -195,8 +198,7 @@ def _home_dirs() -> dict[str, list[str]]:
     home = os.path.realpath(pwd.getpwuid(os.geteuid()).pw_dir)
     if home in ("/", "") or not os.path.isdir(home):
         return {}
-    wanted = {sys.base_prefix, sys.prefix, *(p for p in sys.path if p and os.path.isdir(p))}
-    keep = sorted({os.path.realpath(p) for p in wanted if os.path.realpath(p).startswith(home + os.sep)})
+    keep = sorted({os.path.realpath(p) for p in _interpreter_dirs() if os.path.realpath(p).startswith(home + os.sep)})
     keep = [k for k in keep if not any(k.startswith(o + os.sep) for o in keep)]
     return {home: keep}
 
@@ -213,9 +215,8 @@ def _probe_isolation(requested: str, uid: int) -> tuple[str, dict, dict]:
     if requested == "none" or not sys.platform.startswith("linux"):
         why = "isolation off" if requested == "none" else f"not Linux ({sys.platform})"
         return "none", {}, {"isolated": False, "mode": "none", "reason": f"{why}: limits, folder, env, timeout only"}
-    candidates = [requested] if requested != "auto" else (["uid", "userns"] if os.geteuid() == 0 else ["userns"])
-    failures = [] if os.geteuid() == 0 or requested != "auto" else ["uid: not root"]
-    for mode in candidates:
+    failures = []
+    for mode in [requested] if requested != "auto" else ["uid", "userns"]:
         hidden = _hidden_interpreter_dirs() if mode == "uid" else _home_dirs()
         msg = _try_isolation(mode, hidden, uid)
         if msg == "ok":
@@ -291,7 +292,7 @@ def _run_tests(req: dict, results_fd: int) -> None:
             report(test=i, ok=False, error=_describe(e) if str(e) else type(e).__name__)
 
 
-def _checked_child(req: dict, uid: int | None, mode: str, hidden: dict, work: str, fds: tuple[int, int, int]) -> None:
+def _checked_child(req: dict, uid: int, mode: str, hidden: dict, work: str, fds: tuple[int, int, int]) -> None:
     """Runs in the forked child; never returns."""
     out_fd, err_fd, res_fd = fds
     try:
@@ -302,8 +303,9 @@ def _checked_child(req: dict, uid: int | None, mode: str, hidden: dict, work: st
         os.dup2(err_fd, 2)
         os.dup2(res_fd, 3)
         os.closerange(4, 65536)
-        os.chdir(work)
-        if mode != "none":
+        if mode == "none":
+            os.chdir(work)
+        else:
             _isolate(_libc(), hidden, mode, work)
         pid = os.fork()  # the first child in the new PID namespace becomes its init
         if pid:

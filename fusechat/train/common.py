@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -265,8 +266,6 @@ def train_resuming(trainer, key: str) -> tuple[Any, int]:
     never resumed: after a recipe or its data changed, the run starts over and the earlier
     checkpoints move to `<checkpoints>.previous` (replacing an older such set, so at most one is
     kept besides the current run)."""
-    import shutil
-
     ckpt_dir = Path(trainer.args.output_dir)
     marker = ckpt_dir / "fusechat-run-key.txt"
     last = last_complete_checkpoint(ckpt_dir)
