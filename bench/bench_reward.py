@@ -7,9 +7,10 @@ All score the same conversations with the same tiny ArmoRM (built here in ArmoRM
 than the test one). The loop is the pattern of the scripts this project descends from: render and
 tokenize one conversation, one forward pass per response, read the score. The batched scorer
 sorts by length and packs batches under a token budget, once with each prompt's replies sharing
-one pass over the prompt (the default) and once without. --per-prompt replies follow each prompt,
-as the recipe's 20 candidates per instruction prompt do; the default reply length makes prompts
-about 30% of the tokens (with the template), our estimate for the recipe's chat data. --run reads
+one pass over the prompt (the default) and once without; both run identical conversations once,
+which the loop does not. --per-prompt replies follow each prompt, as the recipe's 20 candidates
+per instruction prompt do; the default reply length makes prompts about 30% of the tokens (with
+the template), our estimate for the recipe's chat data, and the default replies never repeat. --run reads
 a run folder's prompts and responses instead (the first --responses in prompt order, as the scoring
 stage orders them) and --model scores them with that ArmoRM. Scores must agree within --atol.
 """
@@ -125,7 +126,8 @@ def main() -> None:
     t_loop = timings["loop"]
     model = args.model or f"tiny ArmoRM hidden {args.hidden}, {args.layers} layers"
     print(f"model: {model}, {args.device} {scorer.dtype}")
-    print(f"inputs: {len(convs)} conversations, {per_prompt:.1f} per prompt, {tokens} tokens "
+    distinct = len({tuple(ids) for ids in encoded})
+    print(f"inputs: {len(convs)} conversations ({distinct} distinct), {per_prompt:.1f} per prompt, {tokens} tokens "
           f"({tokens / len(convs):.0f} per conversation, prompts {prompt_tokens / tokens:.0%} of them)")
     print(f"one at a time:       {len(convs) / t_loop:8.1f} responses/s ({t_loop:.2f} s)")
     print(f"batched, unshared:   {len(convs) / timings['unshared']:8.1f} responses/s ({timings['unshared']:.2f} s), "

@@ -111,6 +111,25 @@ def test_shared_prompts_equal_one_pass_per_conversation(tiny_armorm):
         assert abs(a.score - b.score) <= 1e-5
 
 
+def test_identical_conversations_run_once(tiny_armorm):
+    """A repeated answer costs no second pass, and every copy gets the formula's score."""
+    convs = [CONVERSATIONS[0], CONVERSATIONS[1], CONVERSATIONS[0], CONVERSATIONS[3], CONVERSATIONS[1], CONVERSATIONS[0]]
+    scorer = RewardScorer(str(tiny_armorm), dtype="float32", device="cpu", share_prompts=False)
+    ran, done = [], []
+    hook = scorer.model.model.register_forward_pre_hook(
+        lambda m, a, kw: ran.append(int(kw["attention_mask"].sum())), with_kwargs=True)
+    got = scorer.score(convs, progress=done.append)
+    hook.remove()
+    unique = {tuple(ids) for ids in scorer.encode_many(convs)}
+    assert len(unique) == 3 and sum(ran) == sum(map(len, unique))
+    assert sum(done) == len(convs)
+    for o, (score, rewards) in zip(got, reference_scores(tiny_armorm, convs)):
+        assert abs(o.score - score) <= 1e-5
+        assert max(abs(a - b) for a, b in zip(o.objectives, rewards)) <= 1e-5
+    got[0].objectives[0] = 99.0  # copies are separate lists: a caller editing one leaves the others
+    assert got[2].objectives[0] != 99.0
+
+
 def test_one_bos_and_the_gating_position(scorer):
     ids = scorer.encode(CONVERSATIONS[4])
     assert ids.count(scorer.tokenizer.bos_token_id) == 1 and ids[0] == scorer.tokenizer.bos_token_id

@@ -6,9 +6,10 @@ one BOS). Batches are formed over length-sorted inputs under a token budget (`ba
 counts padded tokens), right-padded with an attention mask. ArmoRM replies that follow the same
 prompt tokens (the samples of one prompt, 20-32 per prompt in the recipe) share one pass over the
 prompt: its key/value cache is computed once and each reply continues from it, which gives the
-scores of one pass per conversation with the prompt's arithmetic done once. dtype "auto": bfloat16
-on CUDA, float32 on CPU. Inputs longer than the model's context are truncated (the head of the
-conversation plus the final end-of-turn token, where the reward is read) or skipped, per option.
+scores of one pass per conversation with the prompt's arithmetic done once. Identical token
+sequences run once. dtype "auto": bfloat16 on CUDA, float32 on CPU. Inputs longer than the model's
+context are truncated (the head of the conversation plus the final end-of-turn token, where the
+reward is read) or skipped, per option.
 """
 
 from __future__ import annotations
@@ -209,25 +210,36 @@ class RewardScorer:
     def score(self, conversations: list[list[dict]], progress=None) -> list[RewardOutput]:
         """Conversations (prompt turns + assistant reply) -> outputs in order; progress(n) per batch."""
         out: list[RewardOutput | None] = [None] * len(conversations)
-        ready: list[tuple[int, tuple[list[int], int, bool]]] = []
+        # Identical token sequences get one pass: a source that repeats an answer (short math
+        # answers, a greedy-like sampler) or two sources that agree need not cost a pass each.
+        ready: list[tuple[list[int], int, bool]] = []
+        copies: list[list[int]] = []  # ready index -> indices of the conversations with its tokens
+        seen: dict[tuple[int, ...], int] = {}
         for i, ids in enumerate(self.encode_many(conversations)):
             prepared = self._prepare(ids)
             if isinstance(prepared, str):
                 out[i] = RewardOutput(None, None, False, prepared)
-            else:
-                ready.append((i, prepared))
-        if progress and len(ready) < len(conversations):
-            progress(len(conversations) - len(ready))
+                continue
+            j = seen.setdefault(tuple(prepared[0]), len(ready))
+            if j == len(ready):
+                ready.append(prepared)
+                copies.append([])
+            copies[j].append(i)
+        unscored = len(conversations) - sum(map(len, copies))
+        if progress and unscored:
+            progress(unscored)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         # Not cuDNN attention (PyTorch's first choice for bf16 on Hopper): it builds a plan for
         # every new (batch, length) shape, and scoring sees a new shape in almost every batch.
         backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         with self._torch.inference_mode(), sdpa_kernel(backends):
-            for batch, scores, objectives in self._batches([p for _, p in ready]):
+            for batch, scores, objectives in self._batches(ready):
                 for j, s, o in zip(batch, scores, objectives):
-                    i, (_, _, truncated) = ready[j]
-                    out[i] = RewardOutput(s, o, truncated, "input truncated to max_length" if truncated else "")
+                    truncated = ready[j][2]
+                    for i in copies[j]:
+                        out[i] = RewardOutput(s, list(o) if o is not None else None, truncated,
+                                              "input truncated to max_length" if truncated else "")
                 if progress:
-                    progress(len(batch))
+                    progress(sum(len(copies[j]) for j in batch))
         return out  # type: ignore[return-value]
