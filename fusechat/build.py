@@ -92,109 +92,189 @@ def _first_of_groups(keys: np.ndarray) -> np.ndarray:
     return np.concatenate(([True], keys[1:] != keys[:-1]))
 
 
-def select(prompts: pd.DataFrame, resp: pd.DataFrame, build: Build, source_order: list[str]) -> Selection:
-    """Apply the selection rules.
+@dataclass
+class Responses:
+    """The scored responses as arrays (row i = response i), strings as small integer codes:
+    comparisons on a million Python strings dominate the selection otherwise."""
 
-    prompts: prompt_id, dataset, domain (row i = prompt i). resp: one row per scored response with
-    p (prompt row), response_id, source, sample_index, reward (NaN = null), check_status, truncated
-    (as `load_inputs` returns them).
-    """
+    prompt: np.ndarray  # row of the response's prompt
+    reward: np.ndarray  # NaN = null
+    truncated: np.ndarray
+    sample: np.ndarray  # sample index
+    response_id: pd.Series
+    source: np.ndarray  # code into source_names
+    source_names: np.ndarray
+    source_rank: np.ndarray  # the source's place in the recipe (unknown sources after, by name)
+    n_ranks: int
+    status: np.ndarray  # code into status_names
+    status_names: np.ndarray
+    domain: np.ndarray  # the prompt's domain, per response: code into domain_names
+    domain_names: np.ndarray
+
+    @classmethod
+    def of(cls, prompts: pd.DataFrame, resp: pd.DataFrame, source_order: list[str]) -> Responses:
+        import numpy as np
+        import pandas as pd
+
+        prompt = resp["p"].to_numpy(dtype=np.int64)
+        src = pd.Categorical(resp["source"])
+        source, source_names = src.codes.astype(np.int64), np.asarray(src.categories, dtype=object)
+        order = {s: i for i, s in enumerate(source_order)}
+        extra = sorted(set(source_names) - set(order))  # e.g. a data set's own solutions
+        order.update({s: len(source_order) + i for i, s in enumerate(extra)})
+        status = pd.Categorical(resp["check_status"])
+        domain, domain_names = pd.factorize(prompts["domain"])
+        return cls(
+            prompt=prompt, reward=resp["reward"].to_numpy(dtype=np.float64),
+            truncated=resp["truncated"].to_numpy(dtype=bool), sample=resp["sample_index"].to_numpy(dtype=np.int64),
+            response_id=resp["response_id"], source=source, source_names=source_names,
+            source_rank=np.array([order[s] for s in source_names], dtype=np.int64)[source], n_ranks=len(order),
+            status=status.codes, status_names=np.asarray(status.categories, dtype=object),
+            domain=domain[prompt], domain_names=np.asarray(domain_names, dtype=object),
+        )
+
+    def source_of(self, rows) -> np.ndarray:
+        return self.source_names[self.source[rows]]
+
+    def in_domain(self, names) -> np.ndarray:
+        import numpy as np
+
+        return np.isin(self.domain, np.flatnonzero(np.isin(self.domain_names, names)))
+
+    def status_in(self, statuses, rows) -> np.ndarray:
+        """Whether each of `rows` (a mask or indices) has one of `statuses`."""
+        import numpy as np
+
+        return np.isin(self.status_names, statuses)[self.status[rows]]
+
+
+@dataclass
+class Eligibility:
+    eligible: np.ndarray  # takes part in selection: a reward, and not truncated when those are dropped
+    good: np.ndarray  # eligible and may be chosen (SFT, or DPO chosen): math correct, code pass, any other
+    bad: np.ndarray  # eligible and may be rejected in math and code (incorrect/unparseable, fail/timeout)
+    excluded: pd.DataFrame  # per source: responses, null_reward, truncated (dropped ones only)
+
+
+def eligibility(r: Responses, build: Build) -> Eligibility:
+    """Which responses take part, and in which role; what is left out, per source."""
+    import numpy as np
+    import pandas as pd
+
+    null = np.isnan(r.reward)
+    trunc = r.truncated & ~null
+    eligible = ~null & ~(trunc if build.drop_truncated else np.zeros_like(trunc))
+    n = len(r.source_names)
+    excluded = pd.DataFrame({
+        "responses": np.bincount(r.source, minlength=n),
+        "null_reward": np.bincount(r.source[null], minlength=n),
+        "truncated": np.bincount(r.source[trunc], minlength=n) * build.drop_truncated,
+    }, index=pd.Index(r.source_names, name="source")).sort_index()
+    good = eligible.copy()
+    bad = np.zeros_like(eligible)
+    for dom, statuses in GOOD.items():
+        in_dom = r.in_domain([dom])
+        good[in_dom] &= r.status_in(statuses, in_dom)
+        bad[in_dom] = eligible[in_dom] & r.status_in(BAD[dom], in_dom)
+    return Eligibility(eligible, good, bad, excluded)
+
+
+def best_per_group(r: Responses, rows: np.ndarray, group: np.ndarray, primary: np.ndarray,
+                   ties: list[np.ndarray]) -> np.ndarray:
+    """Per group, the row of `rows` with the smallest `primary`; ties by `ties` in order, then
+    response id. Sorted by group.
+
+    Only rows that reach their group's extreme are sorted (hash group-by first): sorting all rows
+    by five keys costs more than the whole rest of the selection."""
+    import numpy as np
+    import pandas as pd
+
+    g, v = group[rows], primary[rows]
+    extreme = pd.Series(v).groupby(g).transform("min").to_numpy()
+    cand = rows[v == extreme]
+    rid_rank = r.response_id.iloc[cand].rank(method="first").to_numpy()
+    cand = cand[np.lexsort((rid_rank, *(t[cand] for t in reversed(ties)), group[cand]))]
+    return cand[_first_of_groups(group[cand])]
+
+
+def sft_winners(r: Responses, good: np.ndarray, n_prompts: int) -> np.ndarray:
+    """Per prompt, the response row of its SFT answer (-1: none): highest reward, then recipe
+    source order, sample index, response id."""
+    import numpy as np
+
+    rows = best_per_group(r, np.flatnonzero(good), r.prompt, -r.reward, [r.source_rank, r.sample])
+    winner = np.full(n_prompts, -1, dtype=np.int64)
+    winner[r.prompt[rows]] = rows
+    return winner
+
+
+def candidate_pairs(r: Responses, el: Eligibility) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen rows, rejected rows): one pair per (prompt, source) that has both, the best response
+    of the chosen pool against the worst of the rejected pool, two distinct responses.
+
+    Instruction responses are all in both pools; SFT-only domains have no pairs."""
+    import numpy as np
+
+    pairable = ~r.in_domain(SFT_ONLY)
+    group = r.prompt * r.n_ranks + r.source_rank
+    chosen = best_per_group(r, np.flatnonzero(el.good & pairable), group, -r.reward, [r.sample])
+    reject_pool = el.bad | (el.eligible & r.in_domain(["instruction"]))
+    reject_pool[chosen] = False  # a pair is two distinct responses
+    rejected = best_per_group(r, np.flatnonzero(reject_pool & pairable), group, r.reward, [r.sample])
+    # both are sorted by group: match them with a merge on the group key
+    pos = np.searchsorted(group[rejected], group[chosen])
+    inside = pos < len(rejected)
+    matched = np.zeros(len(chosen), dtype=bool)
+    matched[inside] = group[rejected[pos[inside]]] == group[chosen[inside]]
+    return chosen[matched], rejected[pos[matched]]
+
+
+def in_band(r: Responses, chosen: np.ndarray, rejected: np.ndarray, band) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs whose margin (chosen reward - rejected reward) lies in the band: (chosen, rejected, margin)."""
+    margin = r.reward[chosen] - r.reward[rejected]
+    keep = (margin >= band.low - BAND_EPS) & (margin <= band.high + BAND_EPS)
+    return chosen[keep], rejected[keep], margin[keep]
+
+
+def pick_pairs(r: Responses, chosen: np.ndarray, rejected: np.ndarray, margin: np.ndarray, policy: str,
+               n_prompts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt, the in-band pair `build.pair_policy` prefers among its sources, as (chosen row,
+    rejected row) arrays (-1: no pair); remaining ties go to the earlier source in the recipe."""
+    import numpy as np
+
+    key = {
+        "largest_margin": -margin,
+        "smallest_margin": margin,
+        "best_chosen": -r.reward[chosen],
+        "source_order": np.zeros(len(chosen)),
+    }[policy]
+    prompt = r.prompt[chosen]
+    order = np.lexsort((r.source_rank[chosen], key, prompt))
+    order = order[_first_of_groups(prompt[order])]
+    pair_chosen = np.full(n_prompts, -1, dtype=np.int64)
+    pair_rejected = np.full(n_prompts, -1, dtype=np.int64)
+    pair_chosen[prompt[order]] = chosen[order]
+    pair_rejected[prompt[order]] = rejected[order]
+    return pair_chosen, pair_rejected
+
+
+@dataclass
+class Assignment:
+    assigned: np.ndarray  # per prompt: sft | dpo | dropped
+    reason: np.ndarray
+    split: np.ndarray  # train | test, None when dropped
+
+
+def assign(prompts: pd.DataFrame, r: Responses, eligible: np.ndarray, has_sft: np.ndarray, has_pair: np.ndarray,
+           build: Build) -> Assignment:
+    """Which set each prompt goes to, and why (the rules of the module docstring)."""
     import numpy as np
     import pandas as pd
 
     n_prompts = len(prompts)
     domains = prompts["domain"].to_numpy(dtype=object)
-    p = resp["p"].to_numpy(dtype=np.int64)
-    reward = resp["reward"].to_numpy(dtype=np.float64)
-    truncated = resp["truncated"].to_numpy(dtype=bool)
-    sample = resp["sample_index"].to_numpy(dtype=np.int64)
-    # strings as small integer codes: comparisons on a million Python strings dominate otherwise
-    src = pd.Categorical(resp["source"])
-    src_code, src_names = src.codes.astype(np.int64), np.asarray(src.categories, dtype=object)
-    order = {s: i for i, s in enumerate(source_order)}
-    extra = sorted(set(src_names) - set(order))  # e.g. a data set's own solutions
-    order.update({s: len(source_order) + i for i, s in enumerate(extra)})
-    srank = np.array([order[s] for s in src_names], dtype=np.int64)[src_code]
-    st = pd.Categorical(resp["check_status"])
-    st_code, st_names = st.codes, np.asarray(st.categories, dtype=object)
-    dom_code, dom_names = pd.factorize(prompts["domain"])
-    rdom = dom_code[p]
-
-    def in_domain(names) -> np.ndarray:
-        return np.isin(rdom, np.flatnonzero(np.isin(np.asarray(dom_names, dtype=object), names)))
-
-    def source_of(rows) -> np.ndarray:
-        return src_names[src_code[rows]]
-
-    null = np.isnan(reward)
-    trunc = truncated & ~null
-    eligible = ~null & ~(trunc if build.drop_truncated else np.zeros_like(trunc))
-    excluded = pd.DataFrame({
-        "responses": np.bincount(src_code, minlength=len(src_names)),
-        "null_reward": np.bincount(src_code[null], minlength=len(src_names)),
-        "truncated": np.bincount(src_code[trunc], minlength=len(src_names)) * build.drop_truncated,
-    }, index=pd.Index(src_names, name="source")).sort_index()
-
-    good = eligible.copy()
-    bad = np.zeros_like(eligible)
-    for dom, statuses in GOOD.items():
-        in_dom = in_domain([dom])
-        good[in_dom] &= np.isin(st_names, statuses)[st_code[in_dom]]
-        bad[in_dom] = eligible[in_dom] & np.isin(st_names, BAD[dom])[st_code[in_dom]]
-    pairable = ~in_domain(SFT_ONLY)
-
-    rid = resp["response_id"]
-
-    def pick(idx, group, primary, ties):
-        """Per group, the row of idx with the smallest primary; ties by `ties`, then response id.
-
-        Only rows that reach their group's extreme are sorted (hash group-by first): sorting all
-        rows by five keys costs more than the whole rest of the selection."""
-        g, v = group[idx], primary[idx]
-        extreme = pd.Series(v).groupby(g).transform("min").to_numpy()
-        cand = idx[v == extreme]
-        rid_rank = rid.iloc[cand].rank(method="first").to_numpy()
-        cand = cand[np.lexsort((rid_rank, *(t[cand] for t in reversed(ties)), group[cand]))]
-        return cand[_first_of_groups(group[cand])]
-
-    # SFT winner per prompt: highest reward, then recipe source order, sample index, response id.
-    idx = pick(np.flatnonzero(good), p, -reward, [srank, sample])
-    sft_pick = np.full(n_prompts, -1, dtype=np.int64)
-    sft_pick[p[idx]] = idx
-
-    # One candidate pair per (prompt, source): best chosen-pool vs worst rejected-pool response.
-    group = p * len(order) + srank
-    chosen = pick(np.flatnonzero(good & pairable), group, -reward, [sample])
-    reject_pool = bad | (eligible & in_domain(["instruction"]))
-    reject_pool[chosen] = False  # a pair is two distinct responses
-    rejected = pick(np.flatnonzero(reject_pool & pairable), group, reward, [sample])
-    # both are sorted by group: match them with a merge on the group key
-    pos = np.searchsorted(group[rejected], group[chosen])
-    pos_ok = pos < len(rejected)
-    matched = np.zeros(len(chosen), dtype=bool)
-    matched[pos_ok] = group[rejected[pos[pos_ok]]] == group[chosen[pos_ok]]
-    c, r = chosen[matched], rejected[pos[matched]]
-    margin = reward[c] - reward[r]
-    in_band = (margin >= build.band.low - BAND_EPS) & (margin <= build.band.high + BAND_EPS)
-    c, r, margin = c[in_band], r[in_band], margin[in_band]
-    policy_key = {
-        "largest_margin": -margin,
-        "smallest_margin": margin,
-        "best_chosen": -reward[c],
-        "source_order": np.zeros(len(c)),
-    }[build.pair_policy]
-    k = np.lexsort((srank[c], policy_key, p[c]))
-    k = k[_first_of_groups(p[c][k])]
-    pair_c = np.full(n_prompts, -1, dtype=np.int64)
-    pair_r = np.full(n_prompts, -1, dtype=np.int64)
-    pair_c[p[c][k]] = c[k]
-    pair_r[p[c][k]] = r[k]
-
-    # Assignment per prompt.
-    has_resp = np.bincount(p, minlength=n_prompts) > 0
-    has_elig = np.bincount(p[eligible], minlength=n_prompts) > 0
-    has_sft = sft_pick >= 0
-    has_pair = pair_c >= 0
+    has_resp = np.bincount(r.prompt, minlength=n_prompts) > 0
+    has_elig = np.bincount(r.prompt[eligible], minlength=n_prompts) > 0
     u_split = unit_hash(prompts["prompt_id"], build.seed, "split")
     u_test = unit_hash(prompts["prompt_id"], build.seed, "test")
     frac = prompts["domain"].map(build.sft_fraction).to_numpy(dtype=np.float64)  # NaN: not split
@@ -232,23 +312,45 @@ def select(prompts: pd.DataFrame, resp: pd.DataFrame, build: Build, source_order
 
     split = np.where(u_test < build.test_fraction, "test", "train").astype(object)
     split[dropped] = None
-    picked_c = np.where(assigned == "dpo", pair_c, np.where(assigned == "sft", sft_pick, -1))
-    picked_r = np.where(assigned == "dpo", pair_r, -1)
+    return Assignment(assigned, reason, split)
+
+
+def select(prompts: pd.DataFrame, resp: pd.DataFrame, build: Build, source_order: list[str]) -> Selection:
+    """Apply the selection rules.
+
+    prompts: prompt_id, dataset, domain (row i = prompt i). resp: one row per scored response with
+    p (prompt row), response_id, source, sample_index, reward (NaN = null), check_status, truncated
+    (as `load_inputs` returns them).
+    """
+    import numpy as np
+    import pandas as pd
+
+    n_prompts = len(prompts)
+    r = Responses.of(prompts, resp, source_order)
+    el = eligibility(r, build)
+    sft_pick = sft_winners(r, el.good, n_prompts)
+    chosen, rejected, margin = in_band(r, *candidate_pairs(r, el), build.band)
+    pair_c, pair_r = pick_pairs(r, chosen, rejected, margin, build.pair_policy, n_prompts)
+    a = assign(prompts, r, el.eligible, sft_pick >= 0, pair_c >= 0, build)
+
+    reward = r.reward
+    picked_c = np.where(a.assigned == "dpo", pair_c, np.where(a.assigned == "sft", sft_pick, -1))
+    picked_r = np.where(a.assigned == "dpo", pair_r, -1)
     decisions = pd.DataFrame({
         "prompt_id": prompts["prompt_id"].to_numpy(), "dataset": prompts["dataset"].to_numpy(),
-        "domain": domains, "assigned": assigned, "reason": reason, "split": split,
-        "source_model": np.where(picked_c >= 0, source_of(np.maximum(picked_c, 0)), None),
+        "domain": prompts["domain"].to_numpy(dtype=object), "assigned": a.assigned, "reason": a.reason,
+        "split": a.split, "source_model": np.where(picked_c >= 0, r.source_of(np.maximum(picked_c, 0)), None),
         "chosen_row": picked_c, "rejected_row": picked_r,
     })
-    s = np.flatnonzero(assigned == "sft")
-    sft = pd.DataFrame({"prompt": s, "response": sft_pick[s], "source": source_of(sft_pick[s]),
-                        "score": reward[sft_pick[s]], "split": split[s]})
-    d = np.flatnonzero(assigned == "dpo")
+    s = np.flatnonzero(a.assigned == "sft")
+    sft = pd.DataFrame({"prompt": s, "response": sft_pick[s], "source": r.source_of(sft_pick[s]),
+                        "score": reward[sft_pick[s]], "split": a.split[s]})
+    d = np.flatnonzero(a.assigned == "dpo")
     dc, dr = pair_c[d], pair_r[d]
-    dpo = pd.DataFrame({"prompt": d, "chosen": dc, "rejected": dr, "source": source_of(dc),
+    dpo = pd.DataFrame({"prompt": d, "chosen": dc, "rejected": dr, "source": r.source_of(dc),
                         "chosen_score": reward[dc], "rejected_score": reward[dr],
-                        "margin": reward[dc] - reward[dr], "split": split[d]})
-    return Selection(decisions=decisions, sft=sft, dpo=dpo, excluded=excluded)
+                        "margin": reward[dc] - reward[dr], "split": a.split[d]})
+    return Selection(decisions=decisions, sft=sft, dpo=dpo, excluded=el.excluded)
 
 
 class InputError(FusechatError, ValueError):

@@ -330,3 +330,90 @@ def test_vectorised_selection_matches_a_row_by_row_loop(tmp_path, build):
     assert vec == loop
     assigned = {a for a, *_ in vec.values()}
     assert assigned == {"sft", "dpo", "dropped"}
+
+
+# -- each selection step on its own ----------------------------------------------------------------
+def _step_inputs(rows: list[tuple], domains: list[str]):
+    """prompts (one per domain given) and responses (prompt row, source, sample, reward, status,
+    truncated), in the frames `load_inputs` returns."""
+    import pandas as pd
+
+    from fusechat.build import Responses
+
+    prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(len(domains))], "dataset": domains,
+                            "domain": domains})
+    resp = pd.DataFrame([{"p": p, "response_id": f"r{k:02d}", "source": s, "sample_index": i, "reward": w,
+                          "check_status": st, "truncated": t} for k, (p, s, i, w, st, t) in enumerate(rows)])
+    return prompts, Responses.of(prompts, resp, ["a", "b"])
+
+
+def test_step_eligibility_roles_and_exclusions():
+    from fusechat.build import eligibility
+    from fusechat.recipe import Build
+
+    nan = float("nan")
+    _, r = _step_inputs([
+        (0, "a", 0, 0.5, "correct", False), (0, "a", 1, 0.4, "unparseable", False), (0, "b", 0, 0.3, "timeout", False),
+        (0, "b", 1, nan, "correct", False), (1, "a", 0, 0.2, "error", False), (1, "b", 0, 0.9, "fail", True),
+        (2, "a", 0, 0.1, "none", False),
+    ], ["math", "code", "instruction"])
+    el = eligibility(r, Build())
+    assert el.eligible.tolist() == [True, True, True, False, True, False, True]
+    assert el.good.tolist() == [True, False, False, False, False, False, True]
+    assert el.bad.tolist() == [False, True, False, False, False, False, False]  # a timeout says nothing of math
+    assert el.excluded.to_dict("index") == {"a": {"responses": 4, "null_reward": 0, "truncated": 0},
+                                             "b": {"responses": 3, "null_reward": 1, "truncated": 1}}
+    assert eligibility(r, Build(drop_truncated=False)).bad[5]  # a failing truncated answer may be rejected
+
+
+def test_step_sft_winner_breaks_ties_by_source_then_sample():
+    from fusechat.build import eligibility, sft_winners
+    from fusechat.recipe import Build
+
+    _, r = _step_inputs([
+        (0, "b", 0, 0.7, "none", False), (0, "a", 1, 0.7, "none", False), (0, "a", 0, 0.7, "none", False),
+        (1, "a", 0, 0.9, "incorrect", False), (1, "b", 0, 0.2, "correct", False),
+    ], ["instruction", "math", "code"])
+    assert sft_winners(r, eligibility(r, Build()).good, 3).tolist() == [2, 4, -1]
+
+
+def test_step_candidate_pairs_band_and_policy():
+    from fusechat.build import candidate_pairs, eligibility, in_band, pick_pairs
+    from fusechat.recipe import Band, Build
+
+    _, r = _step_inputs([
+        # prompt 0: source a pairs 0.60 with 0.55, source b pairs 0.90 with 0.70
+        (0, "a", 0, 0.60, "none", False), (0, "a", 1, 0.55, "none", False),
+        (0, "b", 0, 0.90, "none", False), (0, "b", 1, 0.70, "none", False),
+        (1, "a", 0, 0.50, "none", False),  # one response: no pair
+        (2, "a", 0, 0.50, "none", False), (2, "a", 1, 0.40, "none", False),  # Chinese: SFT only
+    ], ["instruction", "instruction", "chinese"])
+    chosen, rejected = candidate_pairs(r, eligibility(r, Build()))
+    assert (chosen.tolist(), rejected.tolist()) == ([0, 2], [1, 3])
+    c, j, margin = in_band(r, chosen, rejected, Band(low=0.01, high=0.1))
+    assert (c.tolist(), j.tolist()) == ([0], [1]) and margin.tolist() == pytest.approx([0.05])
+    c, j, margin = in_band(r, chosen, rejected, Band(low=0.0, high=0.5))
+    for policy, want in (("best_chosen", 2), ("largest_margin", 2), ("smallest_margin", 0), ("source_order", 0)):
+        pair_c, pair_r = pick_pairs(r, c, j, margin, policy, 3)
+        assert (pair_c.tolist(), pair_r.tolist()) == ([want, -1, -1], [want + 1, -1, -1]), policy
+
+
+def test_step_assignment_reasons():
+    import numpy as np
+
+    from fusechat.build import assign, eligibility
+    from fusechat.recipe import Build
+
+    prompts, r = _step_inputs([
+        (0, "a", 0, 0.5, "pass", False), (1, "a", 0, 0.5, "fail", False), (2, "a", 0, float("nan"), "none", False),
+        (4, "a", 0, 0.5, "none", False),
+    ], ["code", "code", "math", "math", "chinese"])
+    el = eligibility(r, Build())
+    has_sft, has_pair = np.array([True, False, False, False, True]), np.zeros(5, dtype=bool)
+    a = assign(prompts, r, el.eligible, has_sft, has_pair, Build(test_fraction=0.0))
+    assert a.assigned.tolist() == ["sft", "dropped", "dropped", "dropped", "sft"]
+    assert a.reason.tolist() == ["sft_fallback_no_pair", "no_passing_response", "no_eligible_response",
+                                 "no_responses", "sft_only"]
+    assert a.split.tolist() == ["train", None, None, None, "train"]
+    a = assign(prompts, r, el.eligible, has_sft, np.array([True, False, False, False, False]), Build())
+    assert (a.assigned[0], a.reason[0]) == ("dpo", "pair_in_band")
