@@ -219,10 +219,14 @@ def peft_config(cfg: Training, section: str, model_init_kwargs: dict[str, Any]):
 
         import torch
 
-        if not torch.cuda.is_available():
-            raise RecipeError(f"{section}.lora.load_in_4bit: QLoRA needs a CUDA device; this machine has none")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise RecipeError(f"{section}.lora.load_in_4bit: QLoRA needs bitsandbytes (pip install bitsandbytes)")
+        # everything that is missing in one line, so one fix round is enough
+        missing = [what for what, ok in (
+            ("a CUDA device (this machine has none)", torch.cuda.is_available()),
+            ("bitsandbytes (not installed: pip install bitsandbytes; pinned in requirements/gpu.lock)",
+             importlib.util.find_spec("bitsandbytes") is not None),
+        ) if not ok]
+        if missing:
+            raise RecipeError(f"{section}.lora.load_in_4bit: QLoRA needs {' and '.join(missing)}")
         model_init_kwargs["quantization_config"] = {
             "quant_method": "bitsandbytes",
             "load_in_4bit": True,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fusechat.recipe import RecipeError
 from fusechat.run import Manifest
-from fusechat.train import common
+from fusechat.train import attention, common
 
 if TYPE_CHECKING:
     from fusechat.recipe import Recipe
@@ -38,7 +38,10 @@ def _lengths(ds, tokenizer) -> tuple[list[int], list[int]]:
     return full, prompt
 
 
-def build_trainer(recipe: Recipe, out: Path, manifest: Manifest | None = None, **overrides):
+def build_trainer(
+    recipe: Recipe, out: Path, manifest: Manifest | None = None, attn_implementation: str | None = None,
+    **overrides,
+):
     """The DPOTrainer for this recipe, with its data read, checked and length-filtered.
 
     `overrides` replace DPOConfig fields (benchmarks compare with and without precomputed
@@ -49,6 +52,8 @@ def build_trainer(recipe: Recipe, out: Path, manifest: Manifest | None = None, *
     base = sft_model(recipe)
     # settings first: a bad batch size or device choice fails before any data is read
     kwargs = common.config_kwargs(cfg, out, "dpo")
+    # the attention kernel (fusechat.train.attention): packed rows cost per real token where one is installed
+    kwargs["model_init_kwargs"]["attn_implementation"] = attn_implementation or attention.choose()
     peft = common.peft_config(cfg, "dpo", kwargs["model_init_kwargs"])
     tokenizer = common.load_tokenizer(str(base))
 
@@ -148,6 +153,7 @@ def run_dpo(recipe: Recipe) -> Manifest:
         candidates=candidates,
         gradient_accumulation_steps=trainer.args.gradient_accumulation_steps,
     )
+    metrics["attn_implementation"] = attention.used_by(trainer)
     common.save_final(trainer, out, str(base), trainer.args.model_init_kwargs["dtype"])
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(str(out))
@@ -156,6 +162,7 @@ def run_dpo(recipe: Recipe) -> Manifest:
             "length_policy": counts, "resumed_from_step": resumed, "world_size": trainer.args.world_size,
             "selected_checkpoint": chosen.name, "candidates": candidates,
         }
+        manifest.extra["attn_implementation"] = metrics["attn_implementation"]
         common.write_outputs(
             out, recipe, manifest, stage="dpo", base_model=str(base), data=paths,
             rows={s: c["rows"] for s, c in counts.items()}, cfg=cfg, metrics=metrics,

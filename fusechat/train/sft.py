@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from fusechat.recipe import RecipeError
 from fusechat.run import Manifest
-from fusechat.train import common
+from fusechat.train import attention, common
 
 if TYPE_CHECKING:
     from fusechat.recipe import Recipe
@@ -45,7 +45,10 @@ def _lengths(ds, tokenizer, template) -> tuple[list[int], list[int]]:
     return full, prompt
 
 
-def build_trainer(recipe: Recipe, out: Path, manifest: Manifest | None = None, **overrides):
+def build_trainer(
+    recipe: Recipe, out: Path, manifest: Manifest | None = None, attn_implementation: str | None = None,
+    **overrides,
+):
     """The SFTTrainer for this recipe, with its data read, checked and length-filtered.
 
     `overrides` replace SFTConfig fields (benchmarks compare packing against padding this way)."""
@@ -57,6 +60,8 @@ def build_trainer(recipe: Recipe, out: Path, manifest: Manifest | None = None, *
     kwargs = common.config_kwargs(cfg, out, "sft")
     if recipe.target.revision:
         kwargs["model_init_kwargs"]["revision"] = recipe.target.revision
+    # the attention kernel (fusechat.train.attention): packed rows cost per real token where one is installed
+    kwargs["model_init_kwargs"]["attn_implementation"] = attn_implementation or attention.choose()
     peft = common.peft_config(cfg, "sft", kwargs["model_init_kwargs"])
     tokenizer = common.load_tokenizer(base, recipe.target.revision)
     template = training_chat_template(tokenizer, base) if cfg.assistant_only_loss else None
@@ -115,12 +120,14 @@ def run_sft(recipe: Recipe) -> Manifest:
         gradient_accumulation_steps=trainer.args.gradient_accumulation_steps,
         train_tokens=trainer._total_train_tokens,
     )
+    metrics["attn_implementation"] = attention.used_by(trainer)
     common.log(f"sft: done, {trainer.state.global_step} steps")
     common.save_final(trainer, out, base, trainer.args.model_init_kwargs["dtype"])
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(str(out))
         manifest.outputs = {"models/sft": manifest.rows_out}
         manifest.extra = {"length_policy": counts, "resumed_from_step": resumed, "world_size": trainer.args.world_size}
+        manifest.extra["attn_implementation"] = metrics["attn_implementation"]
         common.write_outputs(
             out, recipe, manifest, stage="sft", base_model=base, data=paths,
             rows={s: c["rows"] for s, c in counts.items()}, cfg=recipe.sft, metrics=metrics,
