@@ -373,3 +373,104 @@ def test_unknown_split_names_the_data_set(tmp_path):
     d = dict(zip(("name", "path", "adapter", "domain"), DATASETS[1]), split="validation")
     with pytest.raises(PromptDataError, match=r"'magpie-pro-dpo' \(data/fixtures/magpie_pro_dpo\): cannot load split 'validation'"):
         build_prompts(make_recipe(tmp_path, datasets=[d]))
+
+
+# -- each filter on its own ---------------------------------------------------------------------------
+def _rec(i: int, text: str, dataset: str = "d", **meta) -> dict:
+    from fusechat.prompts.stage import _normalized
+    from fusechat.run import stable_hash
+
+    messages = [{"role": "user", "content": text}]
+    return {"prompt_id": f"p{i}", "dataset": dataset, "domain": "instruction", "messages": messages,
+            "gold_answer": None, "tests": None, "meta": dict(meta), "row": i, "text": text,
+            "hash": stable_hash(_normalized(messages))}
+
+
+def _books(*datasets: str):
+    from fusechat.prompts.stage import _Books
+
+    books = _Books()
+    for d in datasets or ("d",):
+        books.per_dataset[d] = {"read": 0, "kept": 0, "dropped": {}}
+    return books
+
+
+def test_row_filters_each_say_why():
+    from fusechat.prompts.base import Prompt
+    from fusechat.prompts.stage import ROW_FILTERS, _code_without_tests, _empty, _off_domain, _too_long
+    from fusechat.recipe import Filters, PromptDataset
+
+    f = Filters(max_prompt_chars=20)
+    inst = PromptDataset(name="i", path="x", adapter="ultrafeedback", domain="instruction")
+    code = PromptDataset(name="c", path="x", adapter="self_oss_instruct", domain="code")
+
+    def prompt(text, **kw):
+        return Prompt([{"role": "user", "content": text}], **kw)
+
+    assert _empty(prompt("  \n"), {}, inst, f) == ("empty", "")
+    assert _empty(prompt("hi"), {}, inst, f) is None
+    assert _too_long(prompt("x" * 21), {}, inst, f) == ("too_long", "21 chars > 20")
+    assert _too_long(prompt("x" * 20), {}, inst, f) is None
+    sql = "Write a Python function that sorts a list."
+    reason, _ = _off_domain(prompt(sql), {"text": sql}, inst, f)
+    assert reason == "off_domain_code"
+    assert _off_domain(prompt(sql), {"text": sql}, code, f) is None  # a code set keeps its code
+    assert _off_domain(prompt(sql), {"text": sql}, inst, Filters(drop_code_math_from_instruction=False)) is None
+    no_tests = prompt("Write f.", meta={"tests_note": "no asserts"})
+    assert _code_without_tests(no_tests, {}, code, f) == ("code_without_tests", "no asserts")
+    assert _code_without_tests(prompt("Write f.", tests=["assert f()"]), {}, code, f) is None
+    assert ROW_FILTERS == (_empty, _too_long, _off_domain, _code_without_tests)
+
+
+def test_exact_duplicates_against_earlier_sets_and_own_rows():
+    from fusechat.prompts.stage import _drop_exact_duplicates
+
+    books = _books()
+    first = _rec(0, "Solve x.", solutions=["a"])
+    records = [first, _rec(1, "Solve   x.", solutions=["b"]), _rec(2, "Other."), _rec(3, "Seen before.")]
+    kept = _drop_exact_duplicates(records, {records[3]["hash"]: "q9"}, books)
+    assert [r["prompt_id"] for r in kept] == ["p0", "p2"]
+    assert first["meta"]["solutions"] == ["a", "b"]  # a repeated problem keeps every solution
+    assert [(d["prompt_id"], d["detail"]) for d in books.dropped] == [
+        ("p1", "same as p0"), ("p3", "same as q9 (earlier data set)")]
+
+
+def test_contaminated_near_duplicate_and_limit_filters(tmp_path):
+    from fusechat.prompts.filters import Decontaminator, NearDedup
+    from fusechat.prompts.stage import _drop_contaminated, _drop_near_duplicates, _limit, load_table
+
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"question": "what is the capital city of the small country of Andorra today"}) + "\n")
+    decon = Decontaminator([("eval.jsonl", str(evals))], 5, lambda p: load_table(p, "train"))
+    books = _books()
+    records = [_rec(0, "Tell me: what is the capital city of the small country please"), _rec(1, "Name a red fruit.")]
+    assert [r["prompt_id"] for r in _drop_contaminated(records, decon, books)] == ["p1"]
+    assert books.dropped[0]["reason"] == "contaminated" and "eval.jsonl" in books.dropped[0]["detail"]
+
+    long = "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat all day long"
+    earlier = NearDedup(0.8)
+    (sig,) = NearDedup.signatures_of([long + " today"])
+    earlier.add("q0", sig)
+    records = [_rec(0, long), _rec(1, long + " ok"), _rec(2, "A completely different request about gardening.")]
+    books = _books()
+    kept, signatures = _drop_near_duplicates(records, earlier, 0.8, "d", books)
+    assert [r["prompt_id"] for r in kept] == ["p2"] and set(signatures) == {"p2"}
+    assert [d["detail"].split(" with ")[1] for d in books.dropped] == ["q0", "q0"]
+
+    records = [_rec(i, f"prompt {i}") for i in range(10)]
+    books = _books()
+    kept = _limit(records, 4, "seed", books)
+    assert len(kept) == 4 and kept == sorted(kept, key=lambda r: r["row"])  # source order
+    assert kept == _limit(records, 4, "seed", _books())  # seeded
+    assert len(books.dropped) == 6 and {d["detail"] for d in books.dropped} == {"limit 4"}
+    assert _limit(records, 10, "seed", books) == records
+
+
+def test_leetcode_prompts_carry_the_judges_imports(built):
+    """The code check runs LeetCode answers after the imports LeetCode's judge provides: the
+    prompt says so in its own data, so no later stage needs to know which adapter wrote it."""
+    from fusechat.prompts.leetcode import JUDGE_IMPORTS
+
+    _, prompts, _, _ = built
+    preludes = {(p["dataset"], json.loads(p["meta"]).get("test_prelude")) for p in prompts if p["domain"] == "code"}
+    assert preludes == {("leetcode", JUDGE_IMPORTS), ("self-oss-instruct", None)}

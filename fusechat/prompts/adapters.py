@@ -11,61 +11,11 @@ from __future__ import annotations
 
 import ast
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from fusechat.errors import FusechatError
 from fusechat.prompts import leetcode
-
-
-class BadValue(FusechatError, ValueError):
-    """One row's value cannot be used; `column` names the field."""
-
-    def __init__(self, column: str, why: str):
-        super().__init__(why)
-        self.column = column
-
-
-@dataclass
-class Prompt:
-    messages: list[dict[str, str]]
-    gold_answer: str | None = None
-    tests: list[str] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Adapter:
-    name: str
-    # "a|b" means: column a, or column b when a is absent
-    required: tuple[str, ...]
-    optional: tuple[str, ...]
-    convert: Callable[[dict[str, Any]], Prompt]
-
-    def columns(self, available: list[str]) -> tuple[list[str], list[str]]:
-        """(columns to read, required columns missing from `available`)."""
-        have, missing = [], []
-        for spec in self.required:
-            present = [c for c in spec.split("|") if c in available]
-            if present:
-                have.append(present[0])
-            else:
-                missing.append(" or ".join(repr(c) for c in spec.split("|")))
-        have += [c for c in self.optional if c in available and c not in have]
-        return have, missing
-
-
-def _text(row: dict[str, Any], column: str, optional: bool = False) -> str:
-    value = row.get(column)
-    if value is None and optional:
-        return ""
-    if not isinstance(value, str):
-        raise BadValue(column, f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _user(content: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": content.strip()}]
+from fusechat.prompts.base import Adapter, BadValue, Prompt, text_field, user_turn
+from fusechat.prompts.demo import DEMO
 
 
 def _meta(row: dict[str, Any], *columns: str) -> dict[str, Any]:
@@ -79,12 +29,12 @@ def python_blocks(markdown: str) -> list[str]:
 
 # -- instruction following ----------------------------------------------------------------------
 def _ultrafeedback(row: dict[str, Any]) -> Prompt:
-    return Prompt(_user(_text(row, "instruction")), meta=_meta(row, "source"))
+    return Prompt(user_turn(text_field(row, "instruction")), meta=_meta(row, "source"))
 
 
 def _magpie(row: dict[str, Any]) -> Prompt:
     if isinstance(row.get("instruction"), str) or "conversations" not in row:
-        content = _text(row, "instruction")
+        content = text_field(row, "instruction")
     else:  # the Chinese set's parent layout may carry only the ShareGPT-style conversation
         turns = row["conversations"]
         if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict):
@@ -92,7 +42,7 @@ def _magpie(row: dict[str, Any]) -> Prompt:
         if turns[0].get("from") not in ("human", "user") or not isinstance(turns[0].get("value"), str):
             raise BadValue("conversations", "the first turn is not a human turn with a string value")
         content = turns[0]["value"]
-    return Prompt(_user(content), meta=_meta(row, "uuid", "task_category", "difficulty", "language"))
+    return Prompt(user_turn(content), meta=_meta(row, "uuid", "task_category", "difficulty", "language"))
 
 
 _HELPSTEER_TURN = re.compile(r"\s*<extra_id_1>(User|Assistant)[ \t]*\n")
@@ -101,7 +51,7 @@ _HELPSTEER_TURN = re.compile(r"\s*<extra_id_1>(User|Assistant)[ \t]*\n")
 def _helpsteer2(row: dict[str, Any]) -> Prompt:
     # Multi-turn prompts are flattened into one string: "user text\n<extra_id_1>Assistant\n...
     # \n<extra_id_1>User\n...". Split them back into turns that must alternate and end with the user.
-    parts = _HELPSTEER_TURN.split(_text(row, "prompt"))
+    parts = _HELPSTEER_TURN.split(text_field(row, "prompt"))
     messages = [{"role": "user", "content": parts[0].strip()}]
     for k in range(1, len(parts), 2):
         role = parts[k].lower()
@@ -127,23 +77,26 @@ def _openmathinstruct2(row: dict[str, Any]) -> Prompt:
     # the solutions of duplicate rows of the same problem into this list
     if isinstance(row.get("generated_solution"), str):
         meta["solutions"] = [row["generated_solution"]]
-    return Prompt(_user(_text(row, "problem")), gold_answer=answer.strip(), meta=meta)
+    return Prompt(user_turn(text_field(row, "problem")), gold_answer=answer.strip(), meta=meta)
 
 
 # -- code ---------------------------------------------------------------------------------------
 def _leetcode(row: dict[str, Any]) -> Prompt:
-    content = _text(row, "content")
-    blocks = python_blocks(_text(row, "python", optional=True))
+    content = text_field(row, "content")
+    blocks = python_blocks(text_field(row, "python", optional=True))
     derived = leetcode.derive_tests(content, blocks[0] if blocks else "")
     meta = _meta(row, "id", "slug", "title", "difficulty")
     meta["tests_note"] = derived.note
     if not derived.tests:
-        return Prompt(_user(content), meta=meta)
+        return Prompt(user_turn(content), meta=meta)
     meta["test_setup"] = derived.setup
+    # the code check runs answers after the imports LeetCode's judge provides, as the tests were
+    # checked against the reference solution
+    meta["test_prelude"] = leetcode.JUDGE_IMPORTS
     meta["entry_point"] = derived.function
     # without a name the tests cannot call the answer: say which function to write
     suffix = f"\n\nWrite the solution in Python as a function `{derived.signature}`."
-    return Prompt(_user(content.rstrip() + suffix), tests=derived.tests, meta=meta)
+    return Prompt(user_turn(content.rstrip() + suffix), tests=derived.tests, meta=meta)
 
 
 _ASSERTION_SUFFIX = re.compile(
@@ -173,7 +126,7 @@ def _defined(statements: list[tuple[ast.stmt, str]]) -> set[str]:
 
 def _self_oss_instruct(row: dict[str, Any]) -> Prompt:
     # The user prompt is `instruction`; the `prompt` column is the prompt that generated it.
-    instruction = _text(row, "instruction")
+    instruction = text_field(row, "instruction")
     tests: list[str] = []
     setup: list[str] = []
     notes = []
@@ -183,7 +136,7 @@ def _self_oss_instruct(row: dict[str, Any]) -> Prompt:
             tests += _asserts(_statements(block))
         if tests:
             notes.append(f"{len(tests)} from the instruction")
-    parsed = [_statements(b) for b in python_blocks(_text(row, "response"))]
+    parsed = [_statements(b) for b in python_blocks(text_field(row, "response"))]
     with_asserts = [i for i, st in enumerate(parsed) if _asserts(st)]
     if with_asserts:
         block = parsed[with_asserts[-1]]
@@ -203,14 +156,14 @@ def _self_oss_instruct(row: dict[str, Any]) -> Prompt:
     meta["tests_note"] = "; ".join(notes) or "no assert statements in the instruction or response"
     if setup:
         meta["test_setup"] = "\n".join(setup)
-    return Prompt(_user(instruction), tests=tests or None, meta=meta)
+    return Prompt(user_turn(instruction), tests=tests or None, meta=meta)
 
 
 # -- Chinese ------------------------------------------------------------------------------------
 def _alpaca_gpt4_zh(row: dict[str, Any]) -> Prompt:
-    instruction = _text(row, "instruction").strip()
-    extra = _text(row, "input", optional=True).strip()
-    return Prompt(_user(f"{instruction}\n\n{extra}" if extra else instruction))
+    instruction = text_field(row, "instruction").strip()
+    extra = text_field(row, "input", optional=True).strip()
+    return Prompt(user_turn(f"{instruction}\n\n{extra}" if extra else instruction))
 
 
 ADAPTERS: dict[str, Adapter] = {
@@ -234,10 +187,6 @@ ADAPTERS: dict[str, Adapter] = {
             ("uuid", "task_category", "difficulty", "language"),
             _magpie,
         ),
+        DEMO,
     )
 }
-
-# The demo world's files; imported last because that module builds on the names above.
-from fusechat.prompts.demo import DEMO  # noqa: E402
-
-ADAPTERS[DEMO.name] = DEMO

@@ -2,11 +2,8 @@
 
 Rows: `instruction` (the user turn), `id`, `domain`, `task`, `gold_answer` (math), `tests` (code:
 assert statements), `expected` (instruction and Chinese: the exact answer), `meta` (JSON string).
-The exact answer travels in the prompt table's `meta` as `expected`, where
-`fusechat.demo.world.evaluate_response` finds it.
-
-Registration: `ADAPTERS["demo"] = DEMO`, with this module imported at the end of adapters.py (it
-uses names defined there).
+The exact answer travels in the prompt table's `meta` as `expected`, where the exact check
+(`fusechat.scoring.checks.exact_answer`) finds it. `fusechat.prompts.adapters.ADAPTERS` lists it.
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fusechat.prompts.adapters import Adapter, BadValue, Prompt, _text, _user
+from fusechat.prompts.base import Adapter, BadValue, Prompt, text_field, user_turn
 
 
 def _demo(row: dict[str, Any]) -> Prompt:
@@ -29,7 +26,7 @@ def _demo(row: dict[str, Any]) -> Prompt:
     except json.JSONDecodeError as e:
         raise BadValue("meta", f"not valid JSON: {e}") from None
     meta = {**extra, **{c: row[c] for c in ("id", "task", "expected") if row.get(c) is not None}}
-    return Prompt(_user(_text(row, "instruction")), gold_answer=gold, tests=tests or None, meta=meta)
+    return Prompt(user_turn(text_field(row, "instruction")), gold_answer=gold, tests=tests or None, meta=meta)
 
 
 DEMO = Adapter("demo", ("instruction",), ("id", "task", "gold_answer", "tests", "expected", "meta"), _demo)

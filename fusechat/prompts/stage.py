@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from fusechat.errors import FusechatError
-from fusechat.prompts.adapters import ADAPTERS, Adapter, BadValue
+from fusechat.prompts.adapters import ADAPTERS
+from fusechat.prompts.base import Adapter, BadValue, Prompt
 from fusechat.prompts.classify import classify
 from fusechat.prompts.filters import Decontaminator, NearDedup
-from fusechat.recipe import PromptDataset, Recipe
+from fusechat.recipe import Filters, PromptDataset, Recipe
 from fusechat.run import Manifest, load_manifest, stable_hash, stage_dir, write_table
 
 # bump when adapters or filters change what they produce, so old prompt tables are not reused
-FORMAT = 1
+FORMAT = 2
 REASONS = (
     "empty", "too_long", "off_domain_code", "off_domain_math", "code_without_tests", "duplicate",
     "contaminated", "near_duplicate", "over_limit",
@@ -102,6 +103,36 @@ class _Books:
         counts[reason] = counts.get(reason, 0) + 1
 
 
+# -- per-row filters: (prompt, record, data set, filters) -> (reason, detail) when the row is dropped
+Drop = tuple[str, str] | None
+
+
+def _empty(p: Prompt, rec: dict, d: PromptDataset, f: Filters) -> Drop:
+    return ("empty", "") if not p.messages[-1]["content"].strip() else None
+
+
+def _too_long(p: Prompt, rec: dict, d: PromptDataset, f: Filters) -> Drop:
+    chars = sum(len(m["content"]) for m in p.messages)
+    return ("too_long", f"{chars} chars > {f.max_prompt_chars}") if chars > f.max_prompt_chars else None
+
+
+def _off_domain(p: Prompt, rec: dict, d: PromptDataset, f: Filters) -> Drop:
+    """Code or math prompts in an instruction or Chinese data set."""
+    if not (f.drop_code_math_from_instruction and d.domain in ("instruction", "chinese")):
+        return None
+    found = classify(rec["text"], p.meta.get("task_category"))
+    return (f"off_domain_{found[0]}", found[1]) if found else None
+
+
+def _code_without_tests(p: Prompt, rec: dict, d: PromptDataset, f: Filters) -> Drop:
+    if f.require_code_tests and d.domain == "code" and not p.tests:
+        return "code_without_tests", p.meta.get("tests_note", "")
+    return None
+
+
+ROW_FILTERS = (_empty, _too_long, _off_domain, _code_without_tests)  # in order: the first that drops says why
+
+
 def _read(i: int, d: PromptDataset, adapter: Adapter, recipe: Recipe, books: _Books) -> list[dict]:
     """Adapted rows of one data set that pass the per-row filters."""
     from rich.progress import track
@@ -132,27 +163,83 @@ def _read(i: int, d: PromptDataset, adapter: Adapter, recipe: Recipe, books: _Bo
             "gold_answer": p.gold_answer, "tests": p.tests, "meta": {**p.meta, "row": r}, "row": r,
             "text": "\n".join(m["content"] for m in p.messages if m["role"] == "user"),
         }
-        chars = sum(len(m["content"]) for m in p.messages)
-        if not p.messages[-1]["content"].strip():
-            books.drop(rec, "empty")
-        elif chars > f.max_prompt_chars:
-            books.drop(rec, "too_long", f"{chars} chars > {f.max_prompt_chars}")
-        elif f.drop_code_math_from_instruction and d.domain in ("instruction", "chinese") and (
-            found := classify(rec["text"], p.meta.get("task_category"))
-        ):
-            books.drop(rec, f"off_domain_{found[0]}", found[1])
-        elif f.require_code_tests and d.domain == "code" and not p.tests:
-            books.drop(rec, "code_without_tests", p.meta.get("tests_note", ""))
+        drop = next((why for rule in ROW_FILTERS if (why := rule(p, rec, d, f))), None)
+        if drop:
+            books.drop(rec, *drop)
         else:
             out.append(rec)
     return out
+
+
+# -- per-data-set filters: one data set's records in, the kept ones out, the rest dropped in `books`
+def _drop_exact_duplicates(records: list[dict], earlier: dict[str, str], books: _Books) -> list[dict]:
+    """Records whose normalized messages (`hash`) neither a kept prompt of an earlier data set
+    (`earlier`: hash -> prompt id) nor an earlier row of this data set has."""
+    kept: list[dict] = []
+    first_of: dict[str, dict] = {}
+    for rec in records:
+        h = rec["hash"]
+        if h in earlier:
+            books.drop(rec, "duplicate", f"same as {earlier[h]} (earlier data set)")
+        elif h in first_of:
+            first = first_of[h]
+            books.drop(rec, "duplicate", f"same as {first['prompt_id']}")
+            # OpenMathInstruct-2 lists a problem once per solution: keep every solution
+            if "solutions" in rec["meta"] and "solutions" in first["meta"]:
+                first["meta"]["solutions"] += rec["meta"]["solutions"]
+        else:
+            first_of[h] = rec
+            kept.append(rec)
+    return kept
+
+
+def _drop_contaminated(records: list[dict], decon: Decontaminator, books: _Books) -> list[dict]:
+    kept = []
+    for rec in records:
+        hit = decon.hit(rec["text"])
+        if hit:
+            books.drop(rec, "contaminated", hit)
+        else:
+            kept.append(rec)
+    return kept
+
+
+def _drop_near_duplicates(records: list[dict], earlier: NearDedup, threshold: float, name: str,
+                          books: _Books) -> tuple[list[dict], dict[str, Any]]:
+    """Records not near a kept prompt of an earlier data set (`earlier`) or an earlier row of this
+    one, and the MinHash signature of each by prompt id."""
+    from rich.progress import track
+
+    local = NearDedup(threshold)
+    kept, signatures = [], {}
+    sigs = NearDedup.signatures_of(r["text"] for r in records)
+    for rec, sig in track(zip(records, sigs), total=len(records), description=f"{name}: near-duplicates",
+                          transient=True):
+        match = earlier.find(sig) or local.find(sig)
+        if match:
+            books.drop(rec, "near_duplicate", f"Jaccard {match[1]:.2f} with {match[0]}")
+        else:
+            local.add(rec["prompt_id"], sig)
+            signatures[rec["prompt_id"]] = sig
+            kept.append(rec)
+    return kept, signatures
+
+
+def _limit(records: list[dict], limit: int, seed: str, books: _Books) -> list[dict]:
+    """A seeded random sample of `limit` records, in their source order."""
+    if len(records) <= limit:
+        return records
+    chosen = set(random.Random(seed).sample(range(len(records)), limit))
+    for k, rec in enumerate(records):
+        if k not in chosen:
+            books.drop(rec, "over_limit", f"limit {limit}")
+    return [rec for k, rec in enumerate(records) if k in chosen]
 
 
 def build_prompts(recipe: Recipe) -> Manifest:
     """Write `<run_dir>/prompts/{prompts,dropped}.parquet` + manifest; reuse them when unchanged."""
     import pyarrow as pa
     from rich.console import Console
-    from rich.progress import track
 
     console = Console(stderr=True)
     out_dir = stage_dir(recipe, "prompts")
@@ -180,55 +267,19 @@ def build_prompts(recipe: Recipe) -> Manifest:
     books = _Books()
 
     for i, (d, adapter) in enumerate(zip(recipe.datasets, adapters)):
-        records = _read(i, d, adapter, recipe, books)
-        survivors: list[dict] = []
-        local_exact: dict[str, dict] = {}
-        for rec in records:
-            h = stable_hash(_normalized(rec["messages"]))
-            if f.exact_dedup and h in exact:
-                books.drop(rec, "duplicate", f"same as {exact[h]} (earlier data set)")
-            elif f.exact_dedup and h in local_exact:
-                first = local_exact[h]
-                books.drop(rec, "duplicate", f"same as {first['prompt_id']}")
-                # OpenMathInstruct-2 lists a problem once per solution: keep every solution
-                if "solutions" in rec["meta"] and "solutions" in first["meta"]:
-                    first["meta"]["solutions"] += rec["meta"]["solutions"]
-            else:
-                local_exact[h] = rec
-                rec["hash"] = h
-                survivors.append(rec)
+        survivors = _read(i, d, adapter, recipe, books)
+        for rec in survivors:
+            rec["hash"] = stable_hash(_normalized(rec["messages"]))
+        if f.exact_dedup:
+            survivors = _drop_exact_duplicates(survivors, exact, books)
         if decon is not None:
-            clean = []
-            for rec in survivors:
-                hit = decon.hit(rec["text"])
-                if hit:
-                    books.drop(rec, "contaminated", hit)
-                else:
-                    clean.append(rec)
-            survivors = clean
+            survivors = _drop_contaminated(survivors, decon, books)
         signatures: dict[str, Any] = {}
         if near is not None:
-            local = NearDedup(f.near_dedup_threshold)
-            unique = []
-            sigs = NearDedup.signatures_of(r["text"] for r in survivors)
-            for rec, sig in track(zip(survivors, sigs), total=len(survivors),
-                                  description=f"{d.name}: near-duplicates", transient=True):
-                match = near.find(sig) or local.find(sig)
-                if match:
-                    books.drop(rec, "near_duplicate", f"Jaccard {match[1]:.2f} with {match[0]}")
-                else:
-                    local.add(rec["prompt_id"], sig)
-                    signatures[rec["prompt_id"]] = sig
-                    unique.append(rec)
-            survivors = unique
-        if d.limit is not None and len(survivors) > d.limit:
-            rng = random.Random(stable_hash(recipe.seed, d.name))
-            chosen = set(rng.sample(range(len(survivors)), d.limit))
-            for k, rec in enumerate(survivors):
-                if k not in chosen:
-                    books.drop(rec, "over_limit", f"limit {d.limit}")
-            survivors = [rec for k, rec in enumerate(survivors) if k in chosen]
-        for rec in survivors:
+            survivors, signatures = _drop_near_duplicates(survivors, near, f.near_dedup_threshold, d.name, books)
+        if d.limit is not None:
+            survivors = _limit(survivors, d.limit, stable_hash(recipe.seed, d.name), books)
+        for rec in survivors:  # only what survives the limit blocks later data sets' prompts
             exact[rec["hash"]] = rec["prompt_id"]
             if near is not None:
                 near.add(rec["prompt_id"], signatures[rec["prompt_id"]])
