@@ -27,9 +27,10 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     model, prompts_file, n, max_tokens, launches = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    memory = json.loads(sys.argv[6])
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.load(open(prompts_file))]
     t0 = time.time()
-    llm = LLM(model=model, seed=0, enforce_eager=True, dtype="float32", max_model_len=2048)
+    llm = LLM(model=model, seed=0, enforce_eager=True, dtype="float32", max_model_len=2048, **memory)
     t1 = time.time()
     outs = llm.generate(prompts, SamplingParams(n=n, temperature=1.0, top_p=0.95, max_tokens=max_tokens), use_tqdm=False)
     t2 = time.time()
@@ -37,9 +38,10 @@ if __name__ == "__main__":
 """
 
 
-def _bare(model: Path, prompts_file: Path, n: int, max_tokens: int) -> dict:
+def _bare(model: Path, prompts_file: Path, n: int, max_tokens: int, memory: dict) -> dict:
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-c", BARE, str(model), str(prompts_file), str(n), str(max_tokens), "1"],
+    out = subprocess.run([sys.executable, "-c", BARE, str(model), str(prompts_file), str(n), str(max_tokens), "1",
+                          json.dumps(memory)],
                          capture_output=True, text=True, check=True)
     res = json.loads(next(line[6:] for line in out.stdout.splitlines() if line.startswith("BENCH ")))
     res["wall_s"] = time.time() - t0
@@ -71,8 +73,13 @@ def main() -> None:
     # enough distinct instruction prompts: the fixed list, numbered
     base = sampling_recipe.INSTRUCTION
     sampling_recipe.INSTRUCTION = [f"{base[i % len(base)]} (variant {i})" for i in range(args.prompts)]
+    # one KV-cache size for the pipeline and the bare script (on CPU the library's default, fixed
+    # once here so that both measure the same engine; {} on accelerators and when the variable is set)
+    from fusechat.sampling.engines import cpu_memory_default
+
+    memory = cpu_memory_default({})
     source = {"name": "llama", "model": str(model), "family": "llama3",
-              "engine_options": {"enforce_eager": True, "dtype": "float32", "max_model_len": 2048},
+              "engine_options": {"enforce_eager": True, "dtype": "float32", "max_model_len": 2048, **memory},
               "sampling": {"temperature": 1.0, "top_p": 0.95, "max_tokens": args.max_tokens},
               "responses": {"instruction": args.n}, "shard_size": args.prompts}
     recipe = load_recipe(sampling_recipe.write_sampling_recipe(root / "pipeline", [source],
@@ -91,9 +98,9 @@ def main() -> None:
     ids = [render_ids(tok, p["messages"], "llama3") for p in prompts if p["domain"] == "instruction"]
     prompts_file = root / "prompt_ids.json"
     prompts_file.write_text(json.dumps(ids))
-    bare = _bare(model, prompts_file, args.n, args.max_tokens)
+    bare = _bare(model, prompts_file, args.n, args.max_tokens, memory)
 
-    single = [_bare(model, prompts_file, 1, args.max_tokens) for _ in range(args.n)]
+    single = [_bare(model, prompts_file, 1, args.max_tokens, memory) for _ in range(args.n)]
     many_wall = sum(s["wall_s"] for s in single)
 
     result = {

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusechat.engine_options import OpenAIOptions, TransformersOptions
 from fusechat.recipe import Sampling
 
 FINISH = ("stop", "length", "error")
@@ -54,6 +55,36 @@ class Engine:
     def close(self) -> None:
         pass
 
+GiB = 1 << 30
+
+
+def cpu_kv_cache_bytes() -> int:
+    """The KV cache of a vLLM engine on a CPU machine: a quarter of the memory now available on the
+    NUMA node vLLM allocates from, at least 1 GiB.
+
+    vLLM-CPU allocates the cache after loading the weights and fails if it does not fit in what is
+    free then; a quarter leaves the rest of the node to the weights, the engine's own process and
+    whatever else runs (a scoring stage, a second engine). 1 GiB holds ~8k tokens of context of an
+    8B model in bf16, which is what the CPU path is for (tiny models, tests, the demo); a larger
+    cache is one `kv_cache_memory_bytes` away.
+    """
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+    cpus = get_allowed_cpu_list()
+    node = cpus[0].numa_node if cpus else 0
+    return max(GiB, get_memory_node_info(node).available_memory // 4)
+
+
+def cpu_memory_default(options: dict[str, Any]) -> dict[str, Any]:
+    """`{"kv_cache_memory_bytes": ...}` for a vLLM engine on a CPU machine whose memory nothing
+    else sizes (the recipe's options or VLLM_CPU_KVCACHE_SPACE); `{}` on accelerators."""
+    sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(options)
+    if sized or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return {}
+    from vllm.platforms import current_platform
+
+    return {"kv_cache_memory_bytes": cpu_kv_cache_bytes()} if current_platform.is_cpu() else {}
+
 
 def _reseed(worker, seed: int) -> None:
     from vllm.utils.torch_utils import set_random_seed
@@ -63,7 +94,14 @@ def _reseed(worker, seed: int) -> None:
 
 class VllmEngine(Engine):
     """vLLM's offline `LLM`; `engine_options` go to its constructor unchanged (tensor_parallel_size,
-    max_model_len, dtype, enforce_eager, gpu_memory_utilization, ...)."""
+    max_model_len, dtype, enforce_eager, gpu_memory_utilization, ...; `fusechat.engine_options`
+    checks them against vLLM's own arguments when the recipe is loaded).
+
+    On a CPU machine the KV cache gets a size of its own (`cpu_kv_cache_bytes`) unless the recipe
+    sets `kv_cache_memory_bytes` or `gpu_memory_utilization`, or the environment sets
+    `VLLM_CPU_KVCACHE_SPACE` (GiB). Without one of them vLLM-CPU reserves 92% of the NUMA node's
+    memory and refuses to start whenever less than that is free.
+    """
 
     name = "vllm"
 
@@ -73,6 +111,7 @@ class VllmEngine(Engine):
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         from vllm import LLM
 
+        options = {**cpu_memory_default(options), **options}
         # The seed goes to LLM, never SamplingParams(seed=...): per-request seeds crash on CPU.
         self.llm = LLM(model=model, revision=revision, seed=seed, **options)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
@@ -114,10 +153,8 @@ class VllmEngine(Engine):
 class OpenAIEngine(Engine):
     """Any OpenAI-compatible server (a vLLM server, a hosted endpoint).
 
-    Options: `base_url` (required), `api_key_env` (name of the variable holding the key, default
-    OPENAI_API_KEY), `served_model` (default: the source's `model`), `concurrency` (requests in
-    flight, default 8), `max_model_len` (default: what the server reports), `timeout` (s).
-    Prompts go to /v1/completions as token ids, so the server applies no template of its own.
+    Options: `fusechat.engine_options.OpenAIOptions` (base_url, api_key_env, served_model,
+    concurrency, max_model_len, timeout). Prompts go to /v1/completions as token ids, so the server applies no template of its own.
     """
 
     name = "openai"
@@ -125,24 +162,17 @@ class OpenAIEngine(Engine):
     def __init__(self, model: str, tokenizer, options: dict[str, Any]):
         import openai
 
-        unknown = set(options) - {"base_url", "api_key_env", "served_model", "concurrency",
-                                  "max_model_len", "timeout", "tokenizer"}
-        if unknown:
-            raise ValueError(f"engine_options: unknown key(s) for the openai engine: {sorted(unknown)}")
-        if "base_url" not in options:
-            raise ValueError("engine_options.base_url is required for the openai engine")
-        key = os.environ.get(options.get("api_key_env", "OPENAI_API_KEY"), "EMPTY")
-        self.client = openai.OpenAI(
-            base_url=options["base_url"], api_key=key, timeout=options.get("timeout", 600), max_retries=3
-        )
-        self.model = options.get("served_model", model)
+        opts = OpenAIOptions.model_validate(options)
+        key = os.environ.get(opts.api_key_env, "EMPTY")
+        self.client = openai.OpenAI(base_url=opts.base_url, api_key=key, timeout=opts.timeout, max_retries=3)
+        self.model = opts.served_model or model
         self.tokenizer = tokenizer
-        self.concurrency = int(options.get("concurrency", 8))
+        self.concurrency = opts.concurrency
         served = {m.id: m for m in self.client.models.list().data}
         if self.model not in served:
-            raise ValueError(f"server {options['base_url']} does not serve {self.model!r}; it serves {sorted(served)}")
+            raise ValueError(f"server {opts.base_url} does not serve {self.model!r}; it serves {sorted(served)}")
         reported = getattr(served[self.model], "max_model_len", None)
-        self.max_model_len = int(options.get("max_model_len") or reported or tokenizer.model_max_length)
+        self.max_model_len = int(opts.max_model_len or reported or tokenizer.model_max_length)
 
     def _one(self, r: Request, sampling: Sampling) -> Result:
         resp = self.client.completions.create(
@@ -177,8 +207,7 @@ class OpenAIEngine(Engine):
 class TransformersEngine(Engine):
     """`model.generate` with the same sampling settings: the fallback where vLLM does not run.
 
-    Options: `dtype` (default auto), `device` (default cuda when available), `batch_size`
-    (prompts per generate call, default 8), `max_model_len` (default the model's positions).
+    Options: `fusechat.engine_options.TransformersOptions` (dtype, device, batch_size, max_model_len).
     """
 
     name = "transformers"
@@ -187,14 +216,13 @@ class TransformersEngine(Engine):
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.device = options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.batch_size = int(options.get("batch_size", 8))
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model, revision=revision, dtype=options.get("dtype", "auto")
-        ).to(self.device).eval()
+        opts = TransformersOptions.model_validate(options)
+        self.device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = opts.batch_size
+        self.model = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=opts.dtype).to(self.device).eval()
         self.tokenizer = tokenizer
         cfg = self.model.config
-        self.max_model_len = int(options.get("max_model_len") or getattr(cfg, "max_position_embeddings", 2048))
+        self.max_model_len = int(opts.max_model_len or getattr(cfg, "max_position_embeddings", 2048))
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
