@@ -5,26 +5,18 @@ a second BOS for every family whose template already writes one (Llama-3, Gemma-
 the template is applied exactly once with `tokenize=True` and the engines receive the ids, never
 text, so nothing downstream can add another.
 
-Gemma-2's template has no system role (it raises on one): a system message is folded into the first
-user turn, separated by a blank line, which is what Google's own examples do.
+Messages go through `fusechat.templates.template_messages` (Gemma-2's system fold) and every render
+gets the recipe's template variables (`fusechat.templates.template_kwargs`: the date Llama-3.x
+templates print), so the same prompt renders to the same ids on any day.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from fusechat.templates import template_kwargs, template_messages
+
 EMPTY = "empty_prompt"
-
-
-def template_messages(messages: list[dict[str, Any]], family: str) -> list[dict[str, str]]:
-    msgs = [{"role": str(m["role"]), "content": str(m["content"] or "")} for m in messages]
-    if family == "gemma2" and msgs and msgs[0]["role"] == "system":
-        system = msgs.pop(0)["content"]
-        if msgs and msgs[0]["role"] == "user":
-            msgs[0] = {"role": "user", "content": f"{system}\n\n{msgs[0]['content']}"}
-        else:
-            msgs.insert(0, {"role": "user", "content": system})
-    return msgs
 
 
 def is_empty(messages: list[dict[str, Any]] | None) -> bool:
@@ -32,14 +24,18 @@ def is_empty(messages: list[dict[str, Any]] | None) -> bool:
     return not any(m["role"] == "user" and str(m["content"] or "").strip() for m in messages or [])
 
 
-def render_ids(tokenizer, messages: list[dict[str, Any]], family: str) -> list[int]:
-    """Token ids of the chat with the generation prompt; exactly one BOS when the family has one."""
+def render_ids(
+    tokenizer, messages: list[dict[str, Any]], family: str, variables: dict[str, Any] | None = None
+) -> list[int]:
+    """Token ids of the chat with the generation prompt; exactly one BOS when the family has one.
+    `variables`: the template variables (default: `template_kwargs()`, the template's own date)."""
     ids = list(
         tokenizer.apply_chat_template(
             template_messages(messages, family),
             tokenize=True,
             add_generation_prompt=True,
             return_dict=False,
+            **(template_kwargs() if variables is None else variables),
         )
     )
     bos = tokenizer.bos_token_id

@@ -24,6 +24,7 @@ from fusechat.sampling.shards import (
     RECEIVED, load_prompts, model_revision, plan_source, response_id, settings, shard_path,
     write_shard,
 )
+from fusechat.templates import template_kwargs
 
 TOO_LONG = "prompt_too_long"
 LOAD_FAILED, SHARD_FAILED = 3, 4
@@ -95,6 +96,7 @@ def run(job: dict) -> int:
     setting = settings(source, revision)
     from fusechat.sampling.engines import Request
 
+    variables = template_kwargs(recipe.template_date)
     for shard in shards:
         t0 = time.time()
         dropped: dict[str, list[str]] = {}
@@ -104,7 +106,7 @@ def run(job: dict) -> int:
             if is_empty(msgs):
                 dropped.setdefault(EMPTY, []).append(pid)
                 continue
-            ids = render_ids(tokenizer, msgs, source.family)
+            ids = render_ids(tokenizer, msgs, source.family, variables)
             if len(ids) >= engine.max_model_len:  # no room left for even one response token
                 dropped.setdefault(TOO_LONG, []).append(pid)
                 continue

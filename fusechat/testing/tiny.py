@@ -266,8 +266,11 @@ def _check_family(family: str) -> dict[str, Any]:
     return SPECIAL_TOKENS[family]
 
 
-def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
-    """A deterministic byte-level BPE tokenizer (~1000 tokens) with the family's real conventions."""
+def build_tokenizer(family: str, chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A deterministic byte-level BPE tokenizer (~1000 tokens) with the family's real conventions.
+
+    `chat_template` replaces the family's template here (tests pass the hub's own, as TRL ships
+    it, which has no generation markers)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers import processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -306,7 +309,7 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
         eos_token=spec["eos_token"],
         pad_token=spec["pad_token"],
         unk_token=spec["unk_token"],
-        chat_template=CHAT_TEMPLATES[family],
+        chat_template=chat_template or CHAT_TEMPLATES[family],
         model_max_length=MAX_POSITIONS,
         # Llama-3.1's config asks for clean-up, but transformers 5 ignores it for BPE (with a warning).
         clean_up_tokenization_spaces=False,
@@ -382,10 +385,12 @@ def build_tiny_lm(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     seed: int = 0,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a seeded random causal LM of `family` with its tokenizer and generation config to `out_dir`.
 
     Returns `out_dir`. A folder already holding a build with the same parameters is reused as is.
+    `chat_template` replaces the family's template (see `build_tokenizer`).
     """
     _check_family(family)
     out_dir = Path(out_dir)
@@ -404,6 +409,8 @@ def build_tiny_lm(
         family=family, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=num_kv_heads, seed=seed, builder=_builder_hash(),
     )
+    if chat_template is not None:
+        params["chat_template"] = hashlib.sha256(chat_template.encode()).hexdigest()[:16]
     marker = out_dir / _MARKER
     if marker.is_file():
         try:
@@ -417,7 +424,7 @@ def build_tiny_lm(
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    tok = build_tokenizer(family)
+    tok = build_tokenizer(family, chat_template)
     config = _model_config(family, tok, params)
     spec = SPECIAL_TOKENS[family]
     with atomic_dir(out_dir) as tmp:

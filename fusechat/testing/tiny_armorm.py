@@ -9,6 +9,7 @@ is the Llama-3 tokenizer plus one added `[PAD]`, `regression_layer.weight` [19, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -29,12 +30,16 @@ def _builder_hash() -> str:
 
 
 def build_tiny_armorm(
-    out_dir: Path | str, *, hidden_size: int = 128, num_layers: int = 2, gating_hidden_dim: int = 64, seed: int = 0
+    out_dir: Path | str, *, hidden_size: int = 128, num_layers: int = 2, gating_hidden_dim: int = 64, seed: int = 0,
+    chat_template: str | None = None,
 ) -> Path:
-    """Write the checkpoint, config.json and tokenizer to `out_dir` (reused when already built)."""
+    """Write the checkpoint, config.json and tokenizer to `out_dir` (reused when already built).
+    `chat_template` replaces the tokenizer's (tests pass Meta-Llama-3's, which ArmoRM ships)."""
     out_dir = Path(out_dir)
     params = dict(hidden_size=hidden_size, num_layers=num_layers, gating_hidden_dim=gating_hidden_dim,
                   seed=seed, builder=_builder_hash())
+    if chat_template is not None:
+        params["chat_template"] = hashlib.sha256(chat_template.encode()).hexdigest()[:16]
     marker = out_dir / _MARKER
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return out_dir
@@ -47,7 +52,7 @@ def build_tiny_armorm(
 
     from fusechat.testing.tiny import MAX_POSITIONS, build_tokenizer
 
-    tok = build_tokenizer("llama3")
+    tok = build_tokenizer("llama3", chat_template)
     tok.add_special_tokens({"pad_token": "[PAD]"})  # ArmoRM: vocabulary + one [PAD] (id 128256 there)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
