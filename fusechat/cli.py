@@ -143,7 +143,17 @@ def publish(
 def recipe_validate(recipe: RecipeArg, run_dir: RunDirOpt = None) -> None:
     """Validate a recipe: schema, values and local paths."""
     r = _load(recipe, run_dir)
+    for note in r._notes:
+        typer.echo(f"{recipe}: note: {note}", err=True)
     typer.echo(f"{recipe}: ok (recipe {r.name!r}, hash {r.content_hash()[:12]})")
+
+
+@recipe_app.command("docs")
+def recipe_docs() -> None:
+    """Print the recipe reference (every field, type, default and meaning) as markdown; docs/recipe.md is this."""
+    from fusechat.recipe import reference_markdown
+
+    typer.echo(reference_markdown(), nl=False)
 
 
 @recipe_app.command("show")

@@ -102,7 +102,7 @@ def test_minimal_recipe_resolves_paths_against_its_folder(tmp_path):
         (lambda d: d.update(build={"band": {"low": 0.2, "high": 0.1}}), "build.band: band low (0.2) must not exceed band high (0.1)"),
         (lambda d: d["sources"][0].update(family="gpt"), "sources[0].family: Input should be 'llama3', 'qwen2', 'gemma2' or 'mistral'"),
         (lambda d: d["sources"][0].update(responses={"instruction": -1}), "sources[0].responses: responses for instruction must be >= 0"),
-        (lambda d: d.pop("target"), "target: Field required"),
+        (lambda d: d.pop("scoring"), "scoring: Field required"),
         (lambda d: d["sft"].update(global_batch_size=10, per_device_batch_size=3), "sft: global_batch_size (10) must be a multiple of per_device_batch_size (3)"),
         (lambda d: d["sources"].append(dict(d["sources"][0])), "sources[1].name 'a' is used twice"),
     ],
@@ -223,3 +223,162 @@ def test_unbuilt_stage_exits_nonzero_with_one_line(monkeypatch, tmp_path):
     assert r.exit_code != 0
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert lines == ["fusechat eval: this stage is not built yet in fusechat; nothing was run"]
+
+
+# -- options passed through to vLLM, the other engines and TRL ------------------------------------
+@pytest.mark.parametrize(
+    "mutate, expect",
+    [
+        (lambda d: d["sources"][0].update(engine_options={"tensor_paralel_size": 2}),
+         "sources[0].engine_options.tensor_paralel_size: unknown vllm engine option; did you mean 'tensor_parallel_size'?"),
+        (lambda d: d["sources"][0].update(engine_options={"max_model_len": "4k"}),
+         "sources[0].engine_options.max_model_len: Input should be a valid integer, got '4k'"),
+        (lambda d: d["sources"][0].update(engine_options={"seed": 3}),
+         "sources[0].engine_options.seed: set by fusechat from the recipe's `seed`"),
+        (lambda d: d["sources"][0].update(engine="openai", engine_options={"concurency": 4}),
+         "sources[0].engine_options.concurency: unknown openai engine option; did you mean 'concurrency'?"),
+        (lambda d: d["sources"][0].update(engine="openai", engine_options={"concurrency": 4}),
+         "sources[0].engine_options.base_url: Field required"),
+        (lambda d: d["sources"][0].update(engine="transformers", engine_options={"batch_size": "8"}),
+         "sources[0].engine_options.batch_size: Input should be a valid integer, got '8'"),
+        (lambda d: d.update(eval={"engine_options": {"enforce_eagr": True}}),
+         "eval.engine_options.enforce_eagr: unknown vllm engine option; did you mean 'enforce_eager'?"),
+        (lambda d: d["sft"].update(trl_args={"weight_decy": 0.1}),
+         "sft.trl_args.weight_decy: unknown SFTConfig argument; did you mean 'weight_decay'?"),
+        (lambda d: d["sft"].update(trl_args={"learning_rate": 1e-4}),
+         "sft.trl_args.learning_rate: set from sft.learning_rate; set it there"),
+        (lambda d: d["dpo"].update(trl_args={"beta": 0.5}), "dpo.trl_args.beta: set from dpo.beta; set it there"),
+        (lambda d: d["dpo"].update(trl_args={"output_dir": "x"}), "dpo.trl_args.output_dir: set by fusechat itself"),
+        (lambda d: d["dpo"].update(trl_args={"max_grad_norm": "one"}),
+         "dpo.trl_args.max_grad_norm: Input should be a valid number, got 'one'"),
+    ],
+    ids=["vllm-typo", "vllm-type", "vllm-owned", "openai-typo", "openai-required", "transformers-type", "eval-typo",
+         "trl-typo", "trl-owned", "trl-owned-dpo", "trl-fusechat", "trl-type"],
+)
+def test_pass_through_options_fail_at_validate_with_their_field(tmp_path, mutate, expect):
+    data = _minimal(tmp_path)
+    mutate(data)
+    path = _write(tmp_path, data)
+    out = _cli("recipe", "validate", str(path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert str(path) in out.stderr and expect in out.stderr, out.stderr
+
+
+def test_good_pass_through_options_validate_and_stay_light(tmp_path):
+    data = _minimal(tmp_path)
+    data["sources"][0]["engine_options"] = {"tensor_parallel_size": 2, "max_model_len": 8192, "dtype": "bfloat16",
+                                            "gpu_memory_utilization": 1, "enforce_eager": True, "tokenizer": "./model"}
+    data["sft"]["trl_args"] = {"weight_decay": 0.1, "optim": "adamw_torch_fused", "max_grad_norm": 0.5}
+    data["dpo"]["trl_args"] = {"label_smoothing": 0.1, "logging_steps": 5}
+    path = _write(tmp_path, data)
+    # checking them reads vLLM's and TRL's argument lists without importing either
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from fusechat.recipe import load_recipe
+        r = load_recipe({str(path)!r})
+        assert r.sft.trl_args["weight_decay"] == 0.1 and not r._notes, r._notes
+        heavy = [m for m in ("torch", "vllm", "transformers", "trl") if m in sys.modules]
+        assert not heavy, heavy
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_unreadable_vllm_options_are_a_note_not_an_error(tmp_path, monkeypatch):
+    # stands for a machine without vLLM (a CPU box that only trains): the package cannot be found
+    import importlib.util
+
+    from fusechat import engine_options
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    engine_options.vllm_option_types.cache_clear()
+    engine_options.vllm_options_model.cache_clear()
+    try:
+        data = _minimal(tmp_path)
+        data["sources"][0]["engine_options"] = {"tensor_paralel_size": 2}
+        r = load_recipe(_write(tmp_path, data))
+    finally:
+        engine_options.vllm_option_types.cache_clear()
+        engine_options.vllm_options_model.cache_clear()
+    assert r._notes == ["sources[0].engine_options: not checked: vllm is not installed here"]
+
+
+def test_argument_lists_read_from_source_match_the_libraries(tmp_path):
+    # the names read without importing are the names of the imported dataclasses
+    import dataclasses
+    import inspect
+
+    from trl import DPOConfig, SFTConfig
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    from fusechat.engine_options import vllm_option_types
+    from fusechat.recipe import TRL_CONFIGS, TRL_OWNED
+    from fusechat.source_fields import read_fields
+    from fusechat.train.common import config_kwargs
+
+    init = [p.name for p in inspect.signature(LLM.__init__).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+    want = {f.name for f in dataclasses.fields(EngineArgs) if not f.name.startswith("_")} | set(init)
+    assert set(vllm_option_types()) == want
+    assert vllm_option_types()["max_model_len"] is int
+    for stage, config in (("sft", SFTConfig), ("dpo", DPOConfig)):
+        fields = {f.name for f in dataclasses.fields(config) if f.init and not f.name.startswith("_")}
+        assert set(read_fields(TRL_CONFIGS[stage])) == fields
+        assert set(TRL_OWNED[stage]) <= fields
+
+    # every TRL argument fusechat sets from the recipe is one `trl_args` may not set, and the rest reach TRL
+    r = load_recipe(_write(tmp_path, {**_minimal(tmp_path), "sft": {"learning_rate": 1e-5, "trl_args": {
+        "weight_decay": 0.1, "max_grad_norm": 0.5, "logging_steps": 3}}}))
+    kwargs = config_kwargs(r.sft, tmp_path, "sft")
+    assert set(kwargs) - {"logging_steps", "logging_first_step", "ddp_find_unused_parameters", "weight_decay",
+                          "max_grad_norm"} <= set(TRL_OWNED["sft"])
+    args = SFTConfig(**kwargs)
+    assert (args.weight_decay, args.max_grad_norm, args.logging_steps) == (0.1, 0.5, 3)
+
+
+# -- a recipe with only the data part --------------------------------------------------------------
+def test_the_data_recipe_runs_the_data_stages_and_training_says_what_it_needs(tmp_path):
+    out = _cli("recipe", "validate", str(RECIPES / "fusechat-3.0-data.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert "recipe 'fusechat-3.0-data'" in out.stdout  # the name defaults to the file's stem
+    data = {k: v for k, v in _minimal(tmp_path).items() if k not in ("name", "target", "sft", "dpo")}
+    path = _write(tmp_path, data, "only-data.yaml")
+    r = load_recipe(path)
+    assert r.name == "only-data" and r.target is r.sft is r.dpo is None
+
+    from fusechat.prompts.stage import build_prompts
+
+    assert build_prompts(r).rows_out == 1  # a data stage runs on it
+    for stage, needs in (("sft", "the `target` and `sft` sections"), ("dpo", "the `target` and `dpo` sections"),
+                         ("eval", "the `target` section")):
+        out = _cli(stage, str(path))
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert f"recipe 'only-data': fusechat {stage} needs {needs}" in lines[0]
+
+
+# -- the reference ----------------------------------------------------------------------------------
+def test_every_recipe_field_is_documented_and_docs_recipe_md_is_current():
+    from pydantic import BaseModel
+
+    from fusechat.recipe import Recipe, reference_markdown
+
+    undocumented, todo, seen = [], [Recipe], set()
+    while todo:
+        model = todo.pop()
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            if not info.exclude and not info.description:
+                undocumented.append(f"{model.__name__}.{name}")
+            for t in [info.annotation, *getattr(info.annotation, "__args__", ())]:
+                for u in [t, *getattr(t, "__args__", ())]:
+                    if isinstance(u, type) and issubclass(u, BaseModel) and u not in seen:
+                        todo.append(u)
+    assert not undocumented
+    assert (ROOT / "docs" / "recipe.md").read_text() == reference_markdown(), (
+        "docs/recipe.md is out of date: fusechat recipe docs > docs/recipe.md")
+    out = _cli("recipe", "docs")
+    assert out.returncode == 0 and out.stdout == reference_markdown()

@@ -247,6 +247,7 @@ def _generations_table(rows: list[dict]):
 
 
 def run_eval(recipe: Recipe) -> Manifest:
+    recipe.require("eval", "target")
     import pyarrow as pa
     from rich.console import Console
 

@@ -175,7 +175,8 @@ def report_to(cfg: Training, section: str) -> list[str] | str:
 
 
 def config_kwargs(cfg: Training, out: Path, section: str) -> dict[str, Any]:
-    """TrainingArguments shared by SFTConfig and DPOConfig, all from the recipe section."""
+    """TrainingArguments shared by SFTConfig and DPOConfig, all from the recipe section; its
+    `trl_args` last (load_recipe refused the ones that would replace a setting made here)."""
     ws = world_size()
     per = cfg.per_device_batch_size
     if cfg.global_batch_size % (per * ws):
@@ -205,6 +206,7 @@ def config_kwargs(cfg: Training, out: Path, section: str) -> dict[str, Any]:
         "ddp_find_unused_parameters": False,
         "model_init_kwargs": {"dtype": "bfloat16" if dev["bf16"] else "float32"},
         **dev,
+        **cfg.trl_args,
     }
 
 

@@ -122,6 +122,7 @@ def select_checkpoint(trainer, keep: int, select_by: str) -> tuple[Path, list[di
 
 
 def run_dpo(recipe: Recipe) -> Manifest:
+    recipe.require("dpo", "target", "dpo")
     cfg = recipe.dpo
     manifest = Manifest.start(recipe, "dpo")
     out = common.model_dir(recipe, "dpo")

@@ -100,6 +100,7 @@ def build_trainer(
 
 
 def run_sft(recipe: Recipe) -> Manifest:
+    recipe.require("sft", "target", "sft")
     manifest = Manifest.start(recipe, "sft")
     out = common.model_dir(recipe, "sft")
     base = recipe.resolve(recipe.target.model)
