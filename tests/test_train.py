@@ -346,3 +346,31 @@ def test_preference_rows_are_checked_field_by_field():
     bad = dict(good, rejected=good["rejected"] * 2)
     with pytest.raises(RecipeError, match="rejected: expected exactly one non-empty assistant message"):
         check_dpo_row(bad, "f.parquet: row 0")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dpo_loads_the_kept_checkpoint_through_public_apis(tiny_models, tmp_path, lora):
+    # what run_dpo does when the better checkpoint is not the last: its weights, exactly, in the trainer's model
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from fusechat.train.dpo import load_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama3"])
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True,
+                                                          report_to="none"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trained:
+            p.add_(torch.randn_like(p))
+    trainer.save_model(str(tmp_path / "checkpoint-5"))
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in trained:
+            p.zero_()
+    load_checkpoint(trainer, tmp_path / "checkpoint-5")
+    assert all(torch.equal(kept[k], v) for k, v in model.state_dict().items())

@@ -121,6 +121,29 @@ def select_checkpoint(trainer, keep: int, select_by: str) -> tuple[Path, list[di
     return ckpt_dir / best["checkpoint"], candidates
 
 
+def load_checkpoint(trainer, folder: Path) -> None:
+    """A saved checkpoint's weights into the trainer's model, through public APIs: DeepSpeed's
+    and accelerate's FSDP loaders where the weights are sharded, PEFT's for adapters, else the
+    checkpoint read as a model (any layout the Trainer writes: one file or shards)."""
+    from peft import PeftModel, load_peft_weights, set_peft_model_state_dict
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_deepspeed_enabled:
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+        deepspeed_load_checkpoint(trainer.model_wrapped, str(folder), load_module_strict=not isinstance(model, PeftModel))
+    elif trainer.is_fsdp_enabled:
+        from accelerate.utils import load_fsdp_model
+
+        load_fsdp_model(trainer.accelerator.state.fsdp_plugin, trainer.accelerator, trainer.model, str(folder))
+    elif isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, load_peft_weights(str(folder)))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(str(folder), dtype=model.dtype).state_dict())
+
+
 def run_dpo(recipe: Recipe) -> Manifest:
     recipe.require("dpo", "target", "dpo")
     cfg = recipe.dpo
@@ -139,7 +162,7 @@ def run_dpo(recipe: Recipe) -> Manifest:
     chosen, candidates = select_checkpoint(trainer, cfg.keep_best_of_last, cfg.select_by)
     if chosen.name != f"checkpoint-{trainer.state.global_step}":
         common.log(f"dpo: keeping {chosen.name}, the better of the last {cfg.keep_best_of_last} by eval {cfg.select_by}")
-        trainer._load_from_checkpoint(str(chosen))
+        load_checkpoint(trainer, chosen)
     step = int(chosen.name.split("-")[-1])
     held_out = next(
         (e for e in reversed(trainer.state.log_history) if e.get("step") == step and "eval_loss" in e), {}

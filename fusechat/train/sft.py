@@ -119,7 +119,8 @@ def run_sft(recipe: Recipe) -> Manifest:
         resumed_from_step=resumed,
         global_step=trainer.state.global_step,
         gradient_accumulation_steps=trainer.args.gradient_accumulation_steps,
-        train_tokens=trainer._total_train_tokens,
+        # TRL logs its count of real (non-padding) training tokens as `num_tokens`
+        train_tokens=next((e["num_tokens"] for e in reversed(trainer.state.log_history) if "num_tokens" in e), 0),
     )
     metrics["attn_implementation"] = attention.used_by(trainer)
     common.log(f"sft: done, {trainer.state.global_step} steps")
