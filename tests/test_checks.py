@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from fusechat.scoring.code_check import LEETCODE_PRELUDE, CodeChecker, extract_code, static_problems
+from fusechat.prompts.leetcode import JUDGE_IMPORTS as LEETCODE_PRELUDE
+from fusechat.scoring.code_check import CodeChecker, extract_code, static_problems
 from fusechat.scoring.math_check import MathChecker
 
 # sympy tries to evaluate the tower exactly: math-verify does not come back from this one
@@ -88,3 +89,12 @@ def test_code_checker_end_to_end():
     assert "fail: assert add(1, 2) == 3 -> AssertionError" in got[1].detail
     assert got[2].detail.startswith("static analysis: ") and "plus" in got[2].detail
     assert "syntax error" in got[3].detail
+
+
+def test_exact_answer_collapses_whitespace_only():
+    from fusechat.scoring.checks import exact_answer
+
+    assert exact_answer("cat dog", "  cat \n  dog\n")
+    assert not exact_answer("cat dog", "cat dog.")
+    assert not exact_answer("cat dog", "Cat dog")
+    assert not exact_answer("猫", "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -149,6 +150,83 @@ def test_checkers_verdicts_on_hand_written_responses(tmp_path):
     # the stage's verdicts agree with the demo world's own evaluator
     for (item, text, _), v in zip(cases[-len(demo_rows) * 2:], verdicts[-len(demo_rows) * 2:]):
         assert world.evaluate_response(item.domain, item.row, text) == v.correct
+
+
+def _code_item(tests: list[str], prelude: str = "") -> Item:
+    return Item(set="mbpp", column="mbpp", domain="code", row_id="0", prompt="", check="code", tests=tests,
+                prelude=prelude)
+
+
+EUID = "```python\nimport os\n\ndef euid():\n    return os.geteuid()\n```"
+
+
+def test_eval_checks_run_in_the_recipes_sandbox(tmp_path, capfd):
+    """The isolation mode the recipe insists on holds for eval's code checks as for scoring's: in
+    "userns" mode the code runs as the namespace's own uid; "none" warns that nothing isolates it."""
+    from fusechat.eval.checks import check_all
+    from fusechat.scoring.checks import Checkers
+    from fusechat.scoring.sandbox import USERNS_UID
+
+    code = {"workers": 1, "timeout_s": 5, "memory_mb": 256}
+    recipe = _recipe(tmp_path, {}, scoring={**BASE_RECIPE["scoring"], "code": {**code, "isolation": "userns"}})
+    with Checkers(recipe) as checkers:
+        (v,) = check_all(recipe, [(_code_item([f"assert euid() == {USERNS_UID}"]), EUID)], checkers=checkers)
+        assert v.status == "pass", v.detail
+        assert checkers.isolation["mode"] == "userns"
+    capfd.readouterr()
+    recipe = _recipe(tmp_path, {}, scoring={**BASE_RECIPE["scoring"], "code": {**code, "isolation": "none"}})
+    (v,) = check_all(recipe, [(_code_item([f"assert euid() == {os.geteuid()}"]), EUID)])
+    assert v.status == "pass", v.detail
+    assert "warning: code checks without full isolation" in capfd.readouterr().err
+
+
+def test_a_refused_isolation_mode_stops_eval(tmp_path):
+    """Root inside a user namespace cannot run checks under their own uid: a recipe insisting on
+    "uid" stops eval's checks with the reason, as it stops the score stage."""
+    import subprocess
+    import sys
+    import textwrap
+
+    recipe = _recipe(tmp_path, {}, scoring={**BASE_RECIPE["scoring"], "code": {"workers": 1, "isolation": "uid"}})
+    (tmp_path / "recipe.json").write_text(recipe.model_dump_json())
+    script = tmp_path / "inside.py"
+    script.write_text(textwrap.dedent(f"""
+        import ctypes, os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        uid, gid = os.geteuid(), os.getegid()
+        assert ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0, "no user namespace here"
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {{uid}} 1"), ("gid_map", f"0 {{gid}} 1")):
+            with open(f"/proc/self/{{name}}", "w") as f:
+                f.write(text)
+        from fusechat.eval.checks import check_all
+        from fusechat.eval.sets import Item
+        from fusechat.recipe import Recipe
+        from fusechat.scoring.sandbox import IsolationUnavailable
+
+        recipe = Recipe.model_validate_json(open({str(tmp_path / "recipe.json")!r}).read())
+        item = Item(set="mbpp", column="mbpp", domain="code", row_id="0", prompt="", check="code",
+                    tests=["assert f() == 1"])
+        try:
+            print("checked:", check_all(recipe, [(item, "def f():\\n    return 1\\n")])[0].status)
+        except IsolationUnavailable as e:
+            print("refused:", e)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused: sandbox isolation 'uid' is refused here" in out.stdout, out.stdout
+
+
+def test_eval_code_checks_run_after_the_items_prelude(tmp_path):
+    """A judge's imports (LeetCode's) come before the answer, in static analysis and in the run."""
+    from fusechat.eval.checks import check_all
+    from fusechat.prompts.leetcode import JUDGE_IMPORTS
+
+    recipe = _recipe(tmp_path, {}, scoring={**BASE_RECIPE["scoring"], "code": {"workers": 1, "timeout_s": 5}})
+    answer = "```python\ndef f(d: Dict[str, int]) -> int:\n    return len(deque(d)) + math.gcd(4, 6)\n```"
+    tests = ["assert f({'a': 1}) == 3"]
+    with_prelude, without = check_all(recipe, [(_code_item(tests, JUDGE_IMPORTS), answer), (_code_item(tests), answer)])
+    assert with_prelude.status == "pass", with_prelude.detail
+    assert without.status == "fail" and "undefined name 'Dict'" in without.detail
 
 
 def test_humaneval_program_assembly():

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fusechat.prompts.leetcode import JUDGE_IMPORTS
 from fusechat.recipe import load_recipe
 from fusechat.scoring.stage import COLUMNS, ScoreInputError, run_score
 
@@ -23,7 +24,8 @@ PROMPTS = [
     ("p-nogold", "math", "math", "Prove that there are infinitely many primes.", None, None, {}),
     ("p-code", "oss", "code", "Write add(a, b).", None, ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"], {}),
     ("p-lc", "lc", "code", "Two sum, as `twoSum(nums, target)`.", None, ["assert twoSum([2, 7, 11], 9) == [0, 1]"],
-     {"test_setup": 'if "twoSum" not in globals() and "Solution" in globals():\n    twoSum = Solution().twoSum'}),
+     {"test_setup": 'if "twoSum" not in globals() and "Solution" in globals():\n    twoSum = Solution().twoSum',
+      "test_prelude": JUDGE_IMPORTS}),  # as the leetcode adapter writes them
     ("p-notests", "oss", "code", "Explain recursion with code.", None, None, {}),
     ("p-zh", "zh", "chinese", "你好，请介绍一下你自己。", None, None, {}),
 ]
@@ -166,16 +168,30 @@ def test_rewards_are_the_scorers(scored, tiny_armorm):
 
 
 def test_the_recipe_picks_the_sandbox_mode(scored):
-    from fusechat.scoring.stage import _Checkers
+    from fusechat.scoring.checks import Checkers
 
     recipe = scored[0].model_copy(deep=True)
     recipe.scoring.code.isolation = "userns"  # what a user without root gets, insisted on
-    checkers = _Checkers(recipe)
+    checkers = Checkers(recipe)
     try:
         (result,) = checkers.code_many([("```python\ndef f():\n    return 2\n```", ["assert f() == 2"], "", "")], None)
         assert result.status == "pass" and checkers.code.sandbox.isolation["mode"] == "userns"
     finally:
         checkers.close()
+
+
+def test_the_prelude_comes_with_the_prompt(scored):
+    """A code check runs after the prelude its prompt carries in `meta.test_prelude`, whichever
+    adapter wrote it; a prompt without one gets none."""
+    from fusechat.run import Manifest
+    from fusechat.scoring.stage import _load_rows
+
+    recipe = scored[0].model_copy(deep=True)
+    for d in recipe.datasets:
+        d.adapter = "self_oss_instruct"  # the data set's adapter name says nothing about the prelude
+    rows = {r["prompt_id"]: r for r in _load_rows(recipe, Manifest.start(recipe, "scores"))}
+    assert rows["p-lc"]["prelude"] == JUDGE_IMPORTS
+    assert {r["prelude"] for pid, r in rows.items() if pid != "p-lc"} == {""}
 
 
 def test_rerun_computes_only_missing_shards(scored):
@@ -240,13 +256,14 @@ def test_prefect_flow_scores(tmp_path, tiny_armorm, prefect_server):
 
 def test_one_process_per_device(tmp_path, tiny_armorm):
     """The several-GPU path (one spawned process per device), run here on two CPU "devices"."""
-    from fusechat.scoring.stage import _load_rows, _resolve_model, _score_rewards, _shards
+    from fusechat.scoring.reward import resolve_model
+    from fusechat.scoring.stage import _load_rows, _score_rewards, _shards
     from fusechat.run import Manifest
 
     write_run(tmp_path / "run")
     recipe = load_recipe(write_recipe(tmp_path, tiny_armorm))
     rows = _load_rows(recipe, Manifest.start(recipe, "scores"))
-    model_path, revision = _resolve_model(recipe)
+    model_path, revision = resolve_model(recipe)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     for folder, devices in ((one, ["cpu"]), (two, ["cpu", "cpu"])):

@@ -324,9 +324,11 @@ def evaluate_response(domain: str, prompt_row: dict[str, Any], response_text: st
         with Sandbox(workers=1, timeout_s=5.0, memory_mb=512) as box:
             return box.run(check).status == "pass"
     if domain in ("instruction", "chinese"):
+        from fusechat.scoring.checks import exact_answer
+
         # a prompt-table row carries the exact answer in its meta (fusechat.prompts.demo puts it there)
         expected = prompt_row.get("expected") or _meta(prompt_row).get("expected")
-        return " ".join(response_text.split()) == expected
+        return exact_answer(expected, response_text)
     raise ValueError(f"unknown domain {domain!r}; domains are {', '.join(DOMAINS)}")
 
 

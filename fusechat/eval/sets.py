@@ -1,7 +1,7 @@
 """Evaluation sets: local files in the published layouts, read into one kind of item.
 
 Every set becomes a list of `Item`s: one user turn, the set's own row id, and what decides
-correctness (a gold answer, test code, or the demo world's exact rule); the export-only sets
+correctness (a gold answer, test code, or one exact answer); the export-only sets
 (AlpacaEval 2, Arena-Hard) carry no verdict. Every row is checked before any model runs, and a bad
 row is an `EvalDataError` naming the file, the row and the field.
 
@@ -43,11 +43,13 @@ class Item:
     prompt: str  # the user turn
     check: str  # math | code | exact | none
     gold: str | None = None
+    expected: str | None = None  # check "exact": the one right answer
     tests: list[str] = field(default_factory=list)
     setup: str = ""  # runs after the response's code, before the tests
+    prelude: str = ""  # runs before the response's code (the imports a judge provides)
     entry_point: str | None = None  # HumanEval: the function a completion must define
     code_prefix: str = ""  # HumanEval: the prompt (a completion continues it)
-    row: dict[str, Any] = field(default_factory=dict)  # the file's row, for exact rules and exports
+    row: dict[str, Any] = field(default_factory=dict)  # the file's row, for the exports
 
 
 class _Bad(Exception):
@@ -153,8 +155,7 @@ def _demo(row: dict, i: int) -> dict:
         if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
             raise _Bad("tests", "missing or not a non-empty list of assert strings")
         return out | {"check": "code", "tests": tests}
-    _str(row, "expected")
-    return out | {"check": "exact"}
+    return out | {"check": "exact", "expected": _str(row, "expected")}
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,11 @@ of a derived recipe, and `fusechat.sampling.stage.sample_source` runs it in a wo
 its own (memory freed between models, one-BOS rendering, retries). Shards are content-addressed by
 prompts, model revision and settings, so a rerun regenerates nothing already on disk.
 
-Then every response is checked (math, code, exact rule), scored by the recipe's reward model, and
-summarized: `generations.parquet`, `results.parquet`, `table.md`, `gains.png`, AlpacaEval 2 and
-Arena-Hard answer files, `manifest.json`.
+Then every response is checked (math, code, exact answer) by the score stage's checkers
+(`fusechat.scoring.checks`: the recipe's isolation, limits and workers), scored by the recipe's
+reward model (`fusechat.scoring.reward`), and summarized: `generations.parquet`,
+`results.parquet`, `table.md`, `gains.png`, AlpacaEval 2 and Arena-Hard answer files,
+`manifest.json`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from fusechat.errors import FusechatError
 from fusechat.eval.sets import Item, load_sets
 from fusechat.recipe import DOMAINS, Recipe, Sampling, Source
 from fusechat.run import Manifest, stable_hash, stage_dir, write_table
+from fusechat.scoring.checks import Checkers
+from fusechat.scoring.reward import recipe_scorer, resolve_model
 
 BASE = "target-base"
 TRAINED = ("sft", "dpo")
@@ -181,9 +185,7 @@ def score_rewards(recipe: Recipe, work: Recipe, rows: list[dict], items: dict[st
     for r in rows:
         r["reward"] = None
     try:
-        from fusechat.scoring.stage import _resolve_model, _scorer
-
-        model_path, rm_revision = _resolve_model(recipe)
+        model_path, rm_revision = resolve_model(recipe)
     except Exception as e:
         return f"reward model {recipe.scoring.reward_model.model} unavailable: {type(e).__name__}: {e}"
     settings = recipe.scoring.reward_model.model_dump(mode="json")
@@ -207,7 +209,7 @@ def score_rewards(recipe: Recipe, work: Recipe, rows: list[dict], items: dict[st
             todo = [r for r in mrows if r["text"].strip()]
             progress.advance(task, len(mrows) - len(todo))
             if scorer is None:
-                scorer = _scorer(recipe, model_path)
+                scorer = recipe_scorer(recipe, model_path)
             convs = [[{"role": "user", "content": items[r["_key"]].prompt}, {"role": "assistant", "content": r["text"]}]
                      for r in todo]
             for r, o in zip(todo, scorer.score(convs, progress=lambda n: progress.advance(task, n))):
@@ -266,9 +268,10 @@ def run_eval(recipe: Recipe) -> Manifest:
 
     from rich.progress import Progress
 
-    with Progress(console=console) as progress:
+    with Progress(console=console) as progress, Checkers(recipe) as checkers:
         task = progress.add_task("checks", total=len(rows))
-        verdicts = check_all(recipe, [(items[r["_key"]], r["text"]) for r in rows], lambda: progress.advance(task))
+        verdicts = check_all(recipe, [(items[r["_key"]], r["text"]) for r in rows], lambda: progress.advance(task),
+                             checkers)
     for r, v in zip(rows, verdicts):
         r["correct"], r["check_status"], r["check_detail"] = v.correct, v.status, v.detail
     reward_error = score_rewards(recipe, work, rows, items, console)
@@ -300,6 +303,8 @@ def run_eval(recipe: Recipe) -> Manifest:
         "unscored_rewards": sum(r["reward"] is None for r in rows),
         "failures": failures,
     }
+    if checkers.isolation is not None:
+        man.extra["sandbox"] = checkers.isolation
     man.check_balance()
     man.save(out_dir)
     Console().print(report.rich_table(header, table, title))

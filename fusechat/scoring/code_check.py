@@ -10,9 +10,6 @@ import ast
 import re
 from dataclasses import dataclass
 
-# LeetCode answers run after the imports LeetCode's judge provides (the lines the prompt stage used
-# to keep only the tests the reference solution passes).
-from fusechat.prompts.leetcode import JUDGE_IMPORTS as LEETCODE_PRELUDE
 from fusechat.scoring.sandbox import Check, CheckResult, Sandbox
 
 # statuses written to scores.parquet `check_status` by this module

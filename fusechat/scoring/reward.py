@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from fusechat.recipe import Recipe
 
 OVERLONG = ("truncate", "skip")
 
@@ -243,3 +246,29 @@ class RewardScorer:
                 if progress:
                     progress(sum(len(copies[j]) for j in batch))
         return out  # type: ignore[return-value]
+
+
+# -- from the recipe: what the score and eval stages both use -------------------------------------
+def resolve_model(recipe: Recipe) -> tuple[str, str]:
+    """(local folder, revision) of the recipe's reward model; a local folder's revision is a content hash."""
+    from pathlib import Path
+
+    from fusechat.run import stable_hash
+
+    rm = recipe.scoring.reward_model
+    ref = recipe.resolve(rm.model)
+    if Path(ref).is_dir():
+        files = sorted((f.name, f.stat().st_size) for f in Path(ref).iterdir() if f.suffix == ".safetensors")
+        config = (Path(ref) / "config.json").read_text() if (Path(ref) / "config.json").exists() else ""
+        return ref, rm.revision or f"local-{stable_hash(config, files)}"
+    from huggingface_hub import snapshot_download
+
+    local = snapshot_download(ref, revision=rm.revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    return local, Path(local).name  # the snapshot folder is named by its commit
+
+
+def recipe_scorer(recipe: Recipe, model_path: str, device: str | None = None) -> RewardScorer:
+    """A `RewardScorer` of the model at `model_path` (from `resolve_model`) with the recipe's settings."""
+    rm = recipe.scoring.reward_model
+    return RewardScorer(model_path, kind=rm.kind, dtype=rm.dtype, device=device, max_length=rm.max_length,
+                        batch_tokens=rm.batch_tokens, overlong=rm.overlong)

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from fusechat.errors import FusechatError
 from fusechat.run import Manifest, read_table, stable_hash, stage_dir, write_table
+from fusechat.scoring.checks import PRELUDE_KEY, Checkers
+from fusechat.scoring.reward import recipe_scorer, resolve_model
 
 if TYPE_CHECKING:
     from fusechat.recipe import Recipe
@@ -108,7 +110,6 @@ def _load_rows(recipe: Recipe, manifest: Manifest) -> list[dict[str, Any]]:
     manifest.rows_in = table.num_rows
     # read text as bytes: a writer that put non-UTF-8 bytes in the column must not stop the stage
     raw_text = table.column("text").cast(pa.binary()).to_pylist()
-    adapters = {d.name: d.adapter for d in recipe.datasets}
     seen: set[str] = set()
     rows = []
     non_utf8 = 0
@@ -132,35 +133,13 @@ def _load_rows(recipe: Recipe, manifest: Manifest) -> list[dict[str, Any]]:
             "messages": prompt["messages"],  # shared by the prompt's responses, not copied
             "gold_answer": prompt["gold_answer"], "tests": prompt["tests"] or [],
             "setup": prompt["meta"].get("test_setup", "") or "",
-            "leetcode": adapters.get(prompt["dataset"]) == "leetcode",
+            "prelude": prompt["meta"].get(PRELUDE_KEY, "") or "",
         })
     manifest.extra["non_utf8_text"] = non_utf8
     return rows
 
 
-def _resolve_model(recipe: Recipe) -> tuple[str, str]:
-    """(local folder, revision) of the reward model; a local folder's revision is a content hash."""
-    rm = recipe.scoring.reward_model
-    ref = recipe.resolve(rm.model)
-    if Path(ref).is_dir():
-        files = sorted((f.name, f.stat().st_size) for f in Path(ref).iterdir() if f.suffix == ".safetensors")
-        config = (Path(ref) / "config.json").read_text() if (Path(ref) / "config.json").exists() else ""
-        return ref, rm.revision or f"local-{stable_hash(config, files)}"
-    from huggingface_hub import snapshot_download
-
-    local = snapshot_download(ref, revision=rm.revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    return local, Path(local).name  # the snapshot folder is named by its commit
-
-
 # -- reward -------------------------------------------------------------------------------------
-def _scorer(recipe: Recipe, model_path: str, device: str | None = None):
-    from fusechat.scoring.reward import RewardScorer
-
-    rm = recipe.scoring.reward_model
-    return RewardScorer(model_path, kind=rm.kind, dtype=rm.dtype, device=device, max_length=rm.max_length,
-                        batch_tokens=rm.batch_tokens, overlong=rm.overlong)
-
-
 def _reward_shard(scorer, rows: list[dict], path: Path, progress=None) -> None:
     import pyarrow as pa
 
@@ -184,7 +163,7 @@ def _reward_worker(rank: int, recipe_json: str, model_path: str, todo: list, dev
     from fusechat.recipe import Recipe
 
     recipe = Recipe.model_validate_json(recipe_json)
-    scorer = _scorer(recipe, model_path, device=devices[rank])
+    scorer = recipe_scorer(recipe, model_path, device=devices[rank])
     for rows, path in todo[rank :: len(devices)]:
         _reward_shard(scorer, rows, Path(path))
 
@@ -204,50 +183,14 @@ def _score_rewards(recipe: Recipe, model_path: str, todo: list[tuple[list[dict],
         tmp.start_processes(_reward_worker, args=args, nprocs=len(devices), join=True, start_method="spawn")
         progress(sum(len(rows) for rows, _ in todo))
         return
-    scorer = _scorer(recipe, model_path, device=devices[0] if devices else None)
+    scorer = recipe_scorer(recipe, model_path, device=devices[0] if devices else None)
     for rows, path in todo:
         _reward_shard(scorer, rows, path, progress)
 
 
 # -- checks -------------------------------------------------------------------------------------
-class _Checkers:
-    """Math and code checkers, started on first need and shared by all shards."""
-
-    def __init__(self, recipe: Recipe):
-        self.recipe, self.math, self.code = recipe, None, None
-
-    def math_many(self, items, progress):
-        from fusechat.scoring.math_check import MathChecker
-
-        if self.math is None:
-            c = self.recipe.scoring.math
-            self.math = MathChecker(workers=c.workers, timeout_s=c.timeout_s)
-        return self.math.check_many(items, progress)
-
-    def code_many(self, items, progress):
-        from fusechat.scoring.code_check import CodeChecker
-
-        if self.code is None:
-            c = self.recipe.scoring.code
-            self.code = CodeChecker(workers=c.workers, timeout_s=c.timeout_s, memory_mb=c.memory_mb,
-                                    isolation=c.isolation)
-            isolation = self.code.sandbox.isolation
-            if not isolation["isolated"]:
-                from rich.console import Console
-
-                Console(stderr=True).print(f"[yellow]warning: code checks without full isolation: {isolation['reason']}")
-        return self.code.check_many(items, progress)
-
-    def close(self) -> None:
-        for c in (self.math, self.code):
-            if c is not None:
-                c.close()
-
-
-def _check_shard(checkers: _Checkers, rows: list[dict], path: Path, progress) -> None:
+def _check_shard(checkers: Checkers, rows: list[dict], path: Path, progress) -> None:
     import pyarrow as pa
-
-    from fusechat.scoring.code_check import LEETCODE_PRELUDE
 
     out = [{"response_id": r["response_id"], "check": "none", "check_status": "none", "check_detail": ""} for r in rows]
     math_idx, code_idx = [], []
@@ -268,8 +211,7 @@ def _check_shard(checkers: _Checkers, rows: list[dict], path: Path, progress) ->
         for i, res in zip(math_idx, results):
             out[i].update(check="math", check_status=res.status, check_detail=res.detail)
     if code_idx:
-        items = [(rows[i]["text"], rows[i]["tests"], rows[i]["setup"], LEETCODE_PRELUDE if rows[i]["leetcode"] else "")
-                 for i in code_idx]
+        items = [(rows[i]["text"], rows[i]["tests"], rows[i]["setup"], rows[i]["prelude"]) for i in code_idx]
         for i, res in zip(code_idx, checkers.code_many(items, progress)):
             out[i].update(check="code", check_status=res.status, check_detail=res.detail)
     write_table(pa.Table.from_pylist(out, schema=_check_schema()), path)
@@ -286,7 +228,7 @@ def _shards(recipe: Recipe, rows: list[dict], revision: str, shards_dir: Path):
     for k in range(0, len(rows), size):
         part = rows[k : k + size]
         content = stable_hash([(r["response_id"], r["text"]) for r in part])
-        checks_in = stable_hash([(r["gold_answer"], r["tests"], r["setup"], r["leetcode"]) for r in part])
+        checks_in = stable_hash([(r["gold_answer"], r["tests"], r["setup"], r["prelude"]) for r in part])
         yield (part, shards_dir / f"reward-{k // size:05d}-{stable_hash(content, reward_settings)}.parquet",
                shards_dir / f"checks-{k // size:05d}-{stable_hash(content, checks_in, check_settings)}.parquet")
 
@@ -300,14 +242,14 @@ def run_score(recipe: Recipe) -> Manifest:
     shards_dir = out_dir / "shards"
     shards_dir.mkdir(exist_ok=True)
     rows = _load_rows(recipe, manifest)
-    model_path, revision = _resolve_model(recipe)
+    model_path, revision = resolve_model(recipe)
     manifest.models[recipe.scoring.reward_model.model] = revision
     shards = list(_shards(recipe, rows, revision, shards_dir))
     reward_todo = [(part, rp) for part, rp, _ in shards if not rp.exists()]
     check_todo = [(part, cp) for part, _, cp in shards if not cp.exists()]
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    checkers = _Checkers(recipe)
+    checkers = Checkers(recipe)
     try:
         with Progress(*columns) as bar:
             if reward_todo:
@@ -319,8 +261,8 @@ def run_score(recipe: Recipe) -> Manifest:
                     _check_shard(checkers, part, path, lambda n=1: bar.advance(task, n))
     finally:
         checkers.close()
-    if checkers.code is not None:
-        manifest.extra["sandbox"] = checkers.code.sandbox.isolation
+    if checkers.isolation is not None:
+        manifest.extra["sandbox"] = checkers.isolation
 
     merged, reward_details = _merge(rows, shards)
     write_table(pa.Table.from_pylist(merged, schema=_schema()), out_dir / "scores.parquet")
