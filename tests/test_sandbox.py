@@ -163,8 +163,13 @@ def test_code_that_raises_is_a_failure(sandbox):
 
 
 def test_exiting_early_is_not_a_pass(sandbox):
-    r = sandbox.run(Check("import os\nos._exit(0)", ["assert True"]))
-    assert r.status == "error", r
+    # a program that never ran its tests has failed them; `error` is kept for a broken checker
+    r = sandbox.run(Check("import os\nos._exit(0)", ["assert True", "assert 1"]))
+    assert r.status == "fail", r
+    assert "the tests did not run" in r.detail and "exited with code 0" in r.detail and "2 of 2" in r.detail, r
+    assert [t["status"] for t in r.tests] == ["not_run", "not_run"]
+    r = sandbox.run(Check("print('ok')", ["assert True", "import os; os._exit(0)", "assert True"]))
+    assert r.status == "fail" and "before 2 of 3 tests ran; 1 passed" in r.detail, r
     still_works(sandbox)
 
 

@@ -73,6 +73,10 @@ FILE_SIZE_BYTES = 16 * 1024 * 1024
 OUTPUT_CAP = 8 * 1024
 ERROR_CAP = 500
 PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
+# the checked child's exit code, and the start of its stderr line, when the harness itself broke
+# (isolation or limits could not be set up): the only case where a check that ran no test is `error`
+HARNESS_FAILED = 70
+HARNESS_MARK = "sandbox child failed: "
 
 
 class IsolationUnavailable(_UserError):
@@ -343,10 +347,10 @@ def _checked_child(req: dict, uid: int, mode: str, hidden: dict, work: str, fds:
         sys.stderr.flush()
     except BaseException as e:
         try:
-            os.write(2, f"sandbox child failed: {_describe(e)}\n".encode())
+            os.write(2, f"{HARNESS_MARK}{_describe(e)}\n".encode())
         except OSError:
             pass
-        os._exit(70)
+        os._exit(HARNESS_FAILED)
     os._exit(0)
 
 
@@ -483,8 +487,16 @@ def _verdict(check: Check, raw: dict, timeout_s: float) -> CheckResult:
     if phase_error:
         return CheckResult("fail", phase_error, **common)
     if n_pass + n_fail < len(tests):
-        how = f"killed by signal {signum}" if signum else f"exited with code {exit_code}"
-        return CheckResult("error", f"check ended before all tests ran: {how}; {n_pass} passed, {n_fail} failed", **common)
+        broken = [line for line in raw["stderr"].splitlines() if line.startswith(HARNESS_MARK)]
+        if exit_code == HARNESS_FAILED and broken:
+            return CheckResult("error", f"the sandbox could not run the check: {broken[-1][len(HARNESS_MARK):]}", **common)
+        if signum:  # a kill from outside (the OOM killer, an operator) looks the same: not the program's verdict
+            return CheckResult("error", f"check ended before all tests ran: killed by signal {signum}; "
+                               f"{n_pass} passed, {n_fail} failed", **common)
+        # the program exited by itself (os._exit) before its tests ran: tests not run are not passed
+        return CheckResult("fail", f"the tests did not run: the program exited with code {exit_code} before "
+                           f"{len(tests) - n_pass - n_fail} of {len(tests)} tests ran; {n_pass} passed, {n_fail} failed",
+                           **common)
     if n_fail:
         first = next(t for t in tests if t["status"] == "fail")
         return CheckResult("fail", f"{n_fail}/{len(tests)} tests failed; first: {first['test'][:200]} -> {first['error']}", **common)
