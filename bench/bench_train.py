@@ -12,10 +12,10 @@ end (the precompute pass included) and for the training loop alone.
 Both comparisons run in this one process on the same machine, variants alternating, best of
 `--repeats` runs each.
 
-On CPU, packing loses: TRL flattens a packed batch into one row and, without a variable-length
-attention kernel, attention runs over the whole row under a block-diagonal mask (quadratic in the
-batch's total length). Packing pays off with FlashAttention-style kernels on GPUs; see
-`bench/gpu_train_check.py`.
+On CPU, packing loses: TRL flattens a packed batch into one row and the CPU kernel (SDPA; see
+`fusechat/train/attention.py`) runs attention over the whole row under a block-diagonal mask
+(quadratic in the batch's total length). On CUDA the stages pick flash or flex attention, whose
+cost is per real token; `bench/gpu_train_check.py` measures that.
 """
 
 from __future__ import annotations
@@ -88,8 +88,11 @@ def main() -> None:
         shutil.copytree(model, run / "models" / recipe.name / "sft")  # DPO starts from "the SFT model"
 
         console = Console(stderr=True)
+        from fusechat.train.attention import choose
+
         console.print(f"model: llama3-shaped, hidden {a.hidden}, {a.layers} layers, torch threads "
-                      f"{torch.get_num_threads()}, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+                      f"{torch.get_num_threads()}, device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
+                      f"attention {choose()}")
         dpo_recipe = recipe.model_copy(update={"dpo": recipe.dpo.model_copy(update={"keep_best_of_last": 1})})
         runs: dict[str, list[dict]] = {"padded": [], "packed": [], "live": [], "pre": []}
         # variants alternate within each repeat and the best repeat counts: other load on a shared

@@ -13,19 +13,18 @@ from dataclasses import asdict
 
 from prefect import flow, task
 
-from fusechat.build import run_build
-from fusechat.publish import run_publish
 from fusechat.recipe import load_recipe
+from fusechat.stages import STAGES
 
 
 @task(name="build")
 def build(recipe: str, run_dir: str | None = None) -> dict:
-    return asdict(run_build(load_recipe(recipe, run_dir=run_dir)))
+    return asdict(STAGES["build"].load()(load_recipe(recipe, run_dir=run_dir)))
 
 
 @task(name="publish")
 def publish(recipe: str, run_dir: str | None = None, dry_run: bool | None = None) -> dict:
-    return asdict(run_publish(load_recipe(recipe, run_dir=run_dir), dry_run=dry_run))
+    return asdict(STAGES["publish"].load()(load_recipe(recipe, run_dir=run_dir), dry_run=dry_run))
 
 
 @flow(name="build-datasets")

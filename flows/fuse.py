@@ -1,6 +1,7 @@
 """Prefect flow `fuse`: the whole recipe, each stage a task calling the function its command calls.
 
-Reads like the recipe: sample, score, build, publish, SFT, DPO, evaluate. Every stage resumes from
+Reads like the recipe: prompts, sample, score, build, publish, SFT, DPO, evaluate (the stages of
+`fusechat.stages.PIPELINE`). Every stage resumes from
 what it already finished, so retrying the flow continues a run instead of redoing it.
 
     python flows/fuse.py recipes/demo.yaml [--run-dir DIR]
@@ -13,24 +14,19 @@ from dataclasses import asdict
 
 from prefect import flow, task
 
-from fusechat.pipeline import ORDER
 from fusechat.recipe import load_recipe
+from fusechat.stages import PIPELINE, STAGES
 
 
 @task(task_run_name="{stage}")
 def stage_task(stage: str, recipe: str, run_dir: str | None = None) -> dict:
-    from fusechat.cli import stage_function
-
-    fn = stage_function(stage)
-    if fn is None:
-        raise RuntimeError(f"fusechat {stage}: this stage is not built yet in fusechat")
-    return asdict(fn(load_recipe(recipe, run_dir=run_dir)))
+    return asdict(STAGES[stage].load()(load_recipe(recipe, run_dir=run_dir)))
 
 
 @flow(name="fuse")
 def fuse(recipe: str, run_dir: str | None = None, stages: list[str] | None = None) -> dict:
     """`stages` defaults to every stage in order; name a subset to run only those."""
-    return {stage: stage_task(stage, recipe, run_dir) for stage in stages or list(ORDER)}
+    return {stage: stage_task(stage, recipe, run_dir) for stage in stages or list(PIPELINE)}
 
 
 def deployments() -> list:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -37,10 +38,11 @@ def _recipe(recipe: str, run_dir: str | None):
 def plan_shards(recipe: str, run_dir: str | None) -> dict[str, list[str]]:
     """Missing shard ids per source (the prompt stage runs first, as in `fusechat sample`)."""
     from fusechat.sampling.shards import shard_path
-    from fusechat.sampling.stage import _build_prompts, plan
+    from fusechat.sampling.stage import plan
+    from fusechat.stages import STAGES
 
     r = _recipe(recipe, run_dir)
-    _build_prompts(r)
+    STAGES["prompts"].load()(r)
     _, shards = plan(r)
     return {name: [s.shard_id for s in ss if not shard_path(r, s).exists()] for name, ss in shards.items()}
 
@@ -78,12 +80,12 @@ def sample_shards(recipe: str, run_dir: str | None, source: str, shard_ids: list
 
 
 @task(task_run_name="merge responses")
-def merge_responses(recipe: str, run_dir: str | None) -> dict[str, Any]:
+def merge_responses(recipe: str, run_dir: str | None, started_at: float) -> dict[str, Any]:
     from fusechat.sampling.stage import merge, plan
 
     r = _recipe(recipe, run_dir)
     revisions, shards = plan(r)
-    man = merge(r, revisions, shards)
+    man = merge(r, revisions, shards, started_at=started_at)
     return {"rows_in": man.rows_in, "rows_out": man.rows_out, "dropped": man.dropped,
             "models": man.models, "per_source": man.extra["per_source"]}
 
@@ -91,6 +93,7 @@ def merge_responses(recipe: str, run_dir: str | None) -> dict[str, Any]:
 @flow(name="sample-sources", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def sample_sources(recipe: str, run_dir: str | None = None, tasks_per_source: int = 1) -> dict[str, Any]:
     """Sample every source of `recipe` (a recipe file path) into `<run_dir>/responses/`."""
+    started_at = time.time()
     todo = plan_shards(recipe, run_dir)
     futures = []
     for source, shard_ids in todo.items():
@@ -100,7 +103,7 @@ def sample_sources(recipe: str, run_dir: str | None = None, tasks_per_source: in
                 futures.append(sample_shards.submit(recipe, run_dir, source, part, f"{k + 1}/{tasks_per_source}"))
     states = [f.wait() or f.state for f in futures]
     results = [f.result(raise_on_failure=False) for f in futures]
-    summary = merge_responses(recipe, run_dir)  # written even when a source failed: nothing is lost
+    summary = merge_responses(recipe, run_dir, started_at)  # written even when a source failed: nothing is lost
     failed = [s for s in states if not s.is_completed()]
     if failed:
         raise RuntimeError(f"{len(failed)} sampling task(s) failed; finished shards are kept: "

@@ -19,9 +19,9 @@ from prefect import flow, task
 @task(name="score", retries=2, retry_delay_seconds=5)
 def score(recipe: str, run_dir: str | None = None) -> dict:
     from fusechat.recipe import load_recipe
-    from fusechat.scoring.stage import run_score
+    from fusechat.stages import STAGES
 
-    return asdict(run_score(load_recipe(recipe, run_dir=run_dir)))
+    return asdict(STAGES["score"].load()(load_recipe(recipe, run_dir=run_dir)))
 
 
 @flow(name="score-responses")

@@ -14,20 +14,17 @@ from dataclasses import asdict
 from prefect import flow, task
 
 from fusechat.recipe import load_recipe
+from fusechat.stages import STAGES
 
 
 @task(name="sft", retries=1)
 def sft(recipe: str, run_dir: str | None = None) -> dict:
-    from fusechat.train.sft import run_sft
-
-    return asdict(run_sft(load_recipe(recipe, run_dir=run_dir)))
+    return asdict(STAGES["sft"].load()(load_recipe(recipe, run_dir=run_dir)))
 
 
 @task(name="dpo", retries=1)
 def dpo(recipe: str, run_dir: str | None = None) -> dict:
-    from fusechat.train.dpo import run_dpo
-
-    return asdict(run_dpo(load_recipe(recipe, run_dir=run_dir)))
+    return asdict(STAGES["dpo"].load()(load_recipe(recipe, run_dir=run_dir)))
 
 
 @flow(name="train-target")

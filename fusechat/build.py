@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusechat.errors import FusechatError
+from fusechat.errors import InputError
 from fusechat.recipe import RecipeError
-from fusechat.run import Manifest, read_table, stage_dir, write_table
+from fusechat.run import Manifest, stage_dir, write_table
+from fusechat.tables import CHECK_STATUSES, DECISIONS, DOMAINS, DPO, PROMPTS, RESPONSES, SCORES, SFT, read
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 
     from fusechat.recipe import Build, Recipe
 
-CHECK_STATUSES = ("none", "correct", "incorrect", "unparseable", "timeout", "pass", "fail", "error")
 GOOD = {"math": ("correct",), "code": ("pass",)}
 BAD = {"math": ("incorrect", "unparseable"), "code": ("fail", "timeout")}
 NO_GOOD_REASON = {"math": "no_correct_response", "code": "no_passing_response"}
@@ -57,6 +57,7 @@ SFT_ONLY = ("chinese",)
 # falls just outside a band whose edge is 0.1.
 BAND_EPS = 1e-6
 
+# the columns of each input table that the build reads (the tables hold more: fusechat.tables)
 PROMPT_COLUMNS = ("prompt_id", "dataset", "domain", "messages")
 RESPONSE_COLUMNS = ("response_id", "prompt_id", "source", "model_revision", "sample_index", "text")
 SCORE_COLUMNS = ("response_id", "prompt_id", "source", "reward", "check_status", "truncated")
@@ -353,18 +354,8 @@ def select(prompts: pd.DataFrame, resp: pd.DataFrame, build: Build, source_order
     return Selection(decisions=decisions, sft=sft, dpo=dpo, excluded=el.excluded)
 
 
-class InputError(FusechatError, ValueError):
-    """A table the build cannot use; the message names the file, the row and the field."""
-
-
 def _fail(path: Path, row: int, field: str, msg: str) -> None:
-    raise InputError(f"{path}: row {row}: field {field}: {msg}")
-
-
-def _require(table: pa.Table, path: Path, columns: tuple[str, ...]) -> None:
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (see docs/architecture.md)")
+    raise InputError(path, msg, row=row, field=field)
 
 
 def _first_true(mask) -> int:
@@ -400,13 +391,11 @@ def load_inputs(run: Path) -> tuple[pa.Table, pa.Table, pd.DataFrame, pd.DataFra
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from fusechat.recipe import DOMAINS
-
-    paths = {name: run / name / f"{name}.parquet" for name in ("prompts", "responses", "scores")}
-    tables = {name: read_table(path) for name, path in paths.items()}
-    for name, cols in (("prompts", PROMPT_COLUMNS), ("responses", RESPONSE_COLUMNS), ("scores", SCORE_COLUMNS)):
-        _require(tables[name], paths[name], cols)
-    prompts_t, responses_t, scores_t = tables["prompts"], tables["responses"], tables["scores"]
+    inputs = ((PROMPTS, PROMPT_COLUMNS), (RESPONSES, RESPONSE_COLUMNS), (SCORES, SCORE_COLUMNS))
+    paths = {spec.name: run / spec.path for spec, _ in inputs}
+    # the latest stage's table first: a run without scores says to run `fusechat score` first
+    got = {spec.name: read(spec, paths[spec.name], cols) for spec, cols in reversed(inputs)}
+    prompts_t, responses_t, scores_t = got["prompts"], got["responses"], got["scores"]
     pp, rp, sp = paths["prompts"], paths["responses"], paths["scores"]
 
     def col(table, name):
@@ -702,14 +691,14 @@ def run_build(recipe: Recipe) -> Manifest:
     with console.status("build: writing data sets and report"):
         tables = output_tables(sel, prompts_t, responses_t, resp, run / "responses" / "responses.parquet")
         for name, table in tables.items():
-            write_table(table, out / f"{name}.parquet")
+            write_table(table, out / f"{name}.parquet", {"sft": SFT, "dpo": DPO}[name.split("/")[0]])
             manifest.outputs[f"{name}.parquet"] = table.num_rows
         ids = resp["response_id"].to_numpy(dtype=object)
         dec = sel.decisions.copy()
         for col, new in (("chosen_row", "chosen_response_id"), ("rejected_row", "rejected_response_id")):
             rows = dec.pop(col).to_numpy()
             dec[new] = np.where(rows >= 0, ids[np.maximum(rows, 0)], None)
-        write_table(pa.Table.from_pandas(dec, preserve_index=False), out / "decisions.parquet")
+        write_table(pa.Table.from_pandas(dec, preserve_index=False), out / "decisions.parquet", DECISIONS)
         manifest.outputs["decisions.parquet"] = len(dec)
         summary = summary_tables(sel, prompts, resp, recipe.build)
         plots = write_plots(sel, resp, summary, out / "plots")

@@ -1,12 +1,11 @@
 """The `fusechat` command: a thin layer that loads the recipe and calls a stage function.
 
-Stage functions live in their own modules and are imported only when their command runs, so
-`fusechat --help` never pays for torch or vllm.
+One command per stage of `fusechat.stages.STAGES`; stage functions live in their own modules and
+are imported only when their command runs, so `fusechat --help` never pays for torch or vllm.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from typing import Annotated, Optional
@@ -15,6 +14,7 @@ import typer
 
 from fusechat.errors import FusechatError
 from fusechat.recipe import RecipeError, load_recipe
+from fusechat.stages import STAGES
 
 app = typer.Typer(
     help="Fuse several chat models into one small model (the FuseChat-3.0 recipe).",
@@ -24,18 +24,6 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Check and inspect recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
-
-# stage name -> "module:function"; each function takes a validated Recipe and returns a Manifest
-STAGES = {
-    "sample": "fusechat.sampling.stage:run_sample",
-    "score": "fusechat.scoring.stage:run_score",
-    "build": "fusechat.build:run_build",
-    "publish": "fusechat.publish:run_publish",
-    "sft": "fusechat.train.sft:run_sft",
-    "dpo": "fusechat.train.dpo:run_dpo",
-    "eval": "fusechat.eval.stage:run_eval",
-    "run": "fusechat.pipeline:run_all",
-}
 
 RecipeArg = Annotated[str, typer.Argument(help="recipe YAML file")]
 RunDirOpt = Annotated[Optional[str], typer.Option("--run-dir", help="override the recipe's run_dir")]
@@ -53,48 +41,26 @@ def _load(recipe: str, run_dir: str | None):
         _fail(str(e))
 
 
-def stage_function(stage: str):
-    """The stage's function, or None when the stage is not built in this version."""
-    module, func = STAGES[stage].split(":")
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):
-            return None
-        raise
-    return getattr(mod, func, None)
-
-
-def _run_stage(stage: str, recipe: str, run_dir: str | None, **kwargs) -> None:
+def _call(fn, recipe: str, run_dir: str | None, **kwargs) -> None:
     r = _load(recipe, run_dir)
-    fn = stage_function(stage)
-    if fn is None:
-        _fail(f"fusechat {stage}: this stage is not built yet in fusechat; nothing was run")
     try:
         fn(r, **kwargs)
     except FusechatError as e:
         _fail(str(e))
 
 
-def _stage_command(stage: str, doc: str):
+def _run_stage(stage: str, recipe: str, run_dir: str | None, **kwargs) -> None:
+    _call(STAGES[stage].load(), recipe, run_dir, **kwargs)
+
+
+def _plain_command(stage: str):
     def command(recipe: RecipeArg, run_dir: RunDirOpt = None) -> None:
         _run_stage(stage, recipe, run_dir)
 
-    command.__doc__ = doc
-    app.command(stage)(command)
+    return command
 
 
-for _stage, _doc in {
-    "sample": "Sample responses from every source model (prompts -> responses).",
-    "score": "Score responses: reward model, math answers, code tests (responses -> scores).",
-    "build": "Build the SFT and DPO data sets by the selection rules (scores -> datasets).",
-    "eval": "Evaluate sources and targets on the held-out sets.",
-    "run": "Run every stage in order (the whole recipe).",
-}.items():
-    _stage_command(_stage, _doc)
-
-
-def _train_command(stage: str, doc: str):
+def _train_command(stage: str):
     def command(
         recipe: RecipeArg,
         run_dir: RunDirOpt = None,
@@ -118,25 +84,57 @@ def _train_command(stage: str, doc: str):
         argv += ["--config", config] if config else []
         raise typer.Exit(launch(argv))
 
-    command.__doc__ = doc
-    app.command(stage)(command)
+    return command
 
 
-_train_command("sft", "Supervised fine-tuning of the target on the SFT set (--nproc/--config for several processes).")
-_train_command("dpo", "DPO of the SFT model on the DPO set (--nproc/--config for several processes).")
+def _publish_command(stage: str):
+    def command(
+        recipe: RecipeArg,
+        run_dir: RunDirOpt = None,
+        dry_run: Annotated[
+            Optional[bool],
+            typer.Option("--dry-run/--upload", help="only show what would be uploaded / require an upload; default: upload when a token and network are available"),
+        ] = None,
+    ) -> None:
+        _run_stage(stage, recipe, run_dir, dry_run=dry_run)
+
+    return command
 
 
-@app.command("publish")
-def publish(
+# one command per stage, in pipeline order; the stages with options of their own get their own form
+_FORMS = {"sft": _train_command, "dpo": _train_command, "publish": _publish_command}
+for _stage in STAGES.values():
+    _command = _FORMS.get(_stage.name, _plain_command)(_stage.name)
+    _command.__doc__ = _stage.doc
+    app.command(_stage.name)(_command)
+
+
+@app.command("run")
+def run(
     recipe: RecipeArg,
     run_dir: RunDirOpt = None,
-    dry_run: Annotated[
-        Optional[bool],
-        typer.Option("--dry-run/--upload", help="only show what would be uploaded / require an upload; default: upload when a token and network are available"),
-    ] = None,
+    skip_doctor: Annotated[bool, typer.Option("--skip-doctor", help="start without the preflight checks")] = False,
 ) -> None:
-    """Write the data sets in hub layout with cards; upload them when a token is set."""
-    _run_stage("publish", recipe, run_dir, dry_run=dry_run)
+    """Run every stage in order (the whole recipe), after `fusechat doctor`'s checks."""
+    from fusechat.pipeline import run_all
+
+    if not skip_doctor:
+        from fusechat.doctor import doctor as preflight
+
+        blockers = preflight(_load(recipe, run_dir))
+        if blockers:
+            _fail(f"fusechat run: doctor found {blockers} blocker(s); nothing was run (fix them, or --skip-doctor)", 1)
+    _call(run_all, recipe, run_dir)
+
+
+@app.command("doctor")
+def doctor(recipe: RecipeArg, run_dir: RunDirOpt = None) -> None:
+    """Check the recipe's models in seconds, before GPU hours: templates, BOS, stop ids, trained tokens,
+    ArmoRM's gating pattern, lengths, revisions, engine options, memory (tokenizers and configs only)."""
+    from fusechat.doctor import doctor as preflight
+
+    if preflight(_load(recipe, run_dir)):
+        raise typer.Exit(1)
 
 
 @recipe_app.command("validate")

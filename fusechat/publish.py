@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusechat.recipe import RecipeError
-from fusechat.run import Manifest, atomic_write_bytes, load_manifest, read_table, stage_dir
+from fusechat.run import Manifest, atomic_write_bytes, load_manifest, stage_dir
+from fusechat.tables import TABLES, read
 
 if TYPE_CHECKING:
     from fusechat.recipe import Recipe
@@ -128,7 +129,7 @@ def write_hub_folders(recipe: Recipe) -> tuple[dict[str, Path], int]:
         splits = {}
         for split in SPLITS:
             src = out / kind / f"{split}.parquet"
-            table = read_table(src)
+            table = read(TABLES[kind], src)
             dest = folder / "data" / f"{split}-00000-of-00001.parquet"
             if table.num_rows:  # an empty split would be an empty config split on the hub
                 atomic_write_bytes(dest, src.read_bytes())

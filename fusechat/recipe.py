@@ -16,9 +16,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from fusechat.errors import FusechatError
+from fusechat.tables import DOMAINS
 
-DOMAINS = ("instruction", "math", "code", "chinese")
-Domain = Literal["instruction", "math", "code", "chinese"]
+Domain = Literal[DOMAINS]
 Family = Literal["llama3", "qwen2", "gemma2", "mistral"]
 
 

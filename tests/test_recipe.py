@@ -213,18 +213,6 @@ def test_help_is_instant_and_imports_nothing_heavy():
         assert command in out.stdout
 
 
-def test_unbuilt_stage_exits_nonzero_with_one_line(monkeypatch, tmp_path):
-    from typer.testing import CliRunner
-
-    from fusechat import cli
-
-    monkeypatch.setitem(cli.STAGES, "eval", "fusechat.not_a_module_yet:run_eval")
-    r = CliRunner().invoke(cli.app, ["eval", str(_write(tmp_path, _minimal(tmp_path)))])
-    assert r.exit_code != 0
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert lines == ["fusechat eval: this stage is not built yet in fusechat; nothing was run"]
-
-
 # -- options passed through to vLLM, the other engines and TRL ------------------------------------
 @pytest.mark.parametrize(
     "mutate, expect",

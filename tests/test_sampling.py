@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fusechat.recipe import load_recipe
-from fusechat.sampling.shards import read_shard
-from fusechat.sampling.stage import SamplingError, run_sample
+from fusechat.sampling.shards import read_shard, shard_path
+from fusechat.sampling.stage import SamplingError, merge, plan, run_sample
 from fusechat.testing.sampling_recipe import CHINESE, CODE, INSTRUCTION, MATH, write_sampling_recipe
 
 VLLM = {"enforce_eager": True, "dtype": "float32"}
@@ -204,12 +204,19 @@ def test_model_that_fails_to_load_keeps_other_sources(tiny_models, tmp_path):
          "sampling": SAMPLING, "responses": {"instruction": 1}},
     ]
     recipe = load_recipe(write_sampling_recipe(tmp_path, sources, instruction=3))
+    t0 = time.time()
     with pytest.raises(SamplingError) as err:
         run_sample(recipe)
+    elapsed = time.time() - t0
     msg = str(err.value)
     assert "sources[1] 'bad'" in msg and str(broken) in msg and "failed to load" in msg
+    # the log line is followed by the log's tail, or by a word that the log is empty
+    log = recipe.run_path() / "responses" / "logs" / "bad.log"
+    assert "worker exit code 3" in msg and msg.split(f"log {log}:\n", 1)[1].splitlines()[0].strip(), msg
     man = json.loads((recipe.run_path() / "responses" / "manifest.json").read_text())
     assert man["dropped"] == {"source_load_failed": 3}
+    # the wall time is the whole stage's (two worker processes), not the final merge's
+    assert 0.5 * elapsed <= man["wall_s"] <= elapsed, (man["wall_s"], elapsed)
     rows = _responses(recipe)
     assert {r["source"] for r in rows} == {"good"} and len(rows) == 2 * 3 + len(CHINESE)
     # the transformers fallback also hands the model exactly one BOS and flags truncation
@@ -227,3 +234,13 @@ def test_model_that_fails_to_load_keeps_other_sources(tiny_models, tmp_path):
     run_sample(recipe)
     assert {f: f.stat().st_mtime_ns for f in good_files} == good_files
     assert {r["source"] for r in _responses(recipe)} == {"good", "bad"}
+    # a shard file cut short (a full disk) is set aside and counts as missing, so the sampling a
+    # rerun does (tested above) computes it again; the manifest lists it
+    cut = sorted((recipe.run_path() / "responses" / "shards" / "good").glob("*.parquet"))[0]
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    revisions, shards = plan(recipe)
+    assert not cut.exists() and (cut.parent / "damaged" / cut.name).stat().st_size == len(data) // 2
+    assert [s.shard_id for s in shards["good"] if not shard_path(recipe, s).exists()] == [cut.stem]
+    man = merge(recipe, revisions, shards)
+    assert man.extra["damaged_shards"] == [f"shards/good/damaged/{cut.name}"] and man.dropped["not_run"] > 0

@@ -213,6 +213,23 @@ def test_rerun_computes_only_missing_shards(scored):
     assert rerun.to_pylist() == table.to_pylist()
 
 
+def test_a_truncated_shard_is_set_aside_and_computed_again(scored):
+    recipe, _, table = scored
+    shards = recipe.run_path() / "scores" / "shards"
+    reward, checks = sorted(shards.glob("reward-*.parquet"))[2], sorted(shards.glob("checks-*.parquet"))[0]
+    for f in (reward, checks):  # cut short, as by a full disk: no Parquet footer
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+    again = run_score(recipe)
+    assert again.extra["shards"] == {"total": 4, "reward_computed": 1, "checks_computed": 1}
+    assert sorted(again.extra["damaged_shards"]) == sorted(f"shards/damaged/{f.name}" for f in (reward, checks))
+    for f in (reward, checks):
+        assert (shards / "damaged" / f.name).stat().st_size < f.stat().st_size  # kept, and a new one written
+    assert pq.read_table(recipe.run_path() / "scores" / "scores.parquet").to_pylist() == table.to_pylist()
+    saved = json.loads((recipe.run_path() / "scores" / "manifest.json").read_text())
+    assert saved["extra"]["damaged_shards"] == again.extra["damaged_shards"]
+
+
 def test_bad_tables_are_named(tmp_path, tiny_armorm):
     write_run(tmp_path / "run")
     recipe = load_recipe(write_recipe(tmp_path, tiny_armorm))

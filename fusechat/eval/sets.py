@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fusechat.errors import FusechatError
+from fusechat.errors import InputError
 from fusechat.recipe import Recipe
 
 # The published evaluation's math instruction (Qwen2.5-Math harness), after the problem.
@@ -30,8 +30,7 @@ HUMANEVAL_INSTRUCTION = "Please provide a self-contained Python script that solv
 DEMO_DOMAINS = ("math", "code", "instruction", "chinese")
 
 
-class EvalDataError(FusechatError, ValueError):
-    """An evaluation file that cannot be used; the message names the file, row and field."""
+EvalDataError = InputError  # an evaluation file that cannot be used (the name earlier versions raised)
 
 
 @dataclass

@@ -20,10 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fusechat.errors import FusechatError
+from fusechat.errors import IncompleteError
 from fusechat.eval.sets import Item, load_sets
-from fusechat.recipe import DOMAINS, Recipe, Sampling, Source
+from fusechat.recipe import Recipe, RecipeError, Sampling, Source
 from fusechat.run import Manifest, stable_hash, stage_dir, write_table
+from fusechat.tables import DOMAINS, EVAL_GENERATIONS, EVAL_RESULTS, EVAL_REWARDS, PROMPTS, read
 from fusechat.scoring.checks import Checkers
 from fusechat.scoring.reward import recipe_scorer, resolve_model
 
@@ -32,8 +33,7 @@ TRAINED = ("sft", "dpo")
 UNAVAILABLE = "model_unavailable"
 
 
-class EvalError(FusechatError, RuntimeError):
-    """Some models or scores are missing; what exists is written and a rerun computes only the rest."""
+EvalError = IncompleteError  # some models or scores are missing; what exists is written
 
 
 def item_key(item: Item) -> str:
@@ -77,7 +77,7 @@ def eval_models(recipe: Recipe) -> list[Source]:
     names = [m.name for m in models]
     for name in set(names):
         if names.count(name) > 1:
-            raise EvalError(f"sources: a source is named {name!r}, which the evaluation uses for a target model")
+            raise RecipeError(f"sources: a source is named {name!r}, which the evaluation uses for a target model")
     return models
 
 
@@ -90,12 +90,10 @@ def work_recipe(recipe: Recipe, models: list[Source]) -> Recipe:
 
 
 def write_prompt_table(work: Recipe, items: list[Item]) -> None:
-    import pyarrow as pa
-
     rows = [{"prompt_id": item_key(it), "dataset": it.set, "domain": it.domain,
              "messages": [{"role": "user", "content": it.prompt}], "gold_answer": it.gold,
              "tests": it.tests or None, "meta": "{}"} for it in items]
-    write_table(pa.Table.from_pylist(rows), stage_dir(work, "prompts") / "prompts.parquet")
+    write_table(PROMPTS.from_rows(rows), stage_dir(work, "prompts") / "prompts.parquet", PROMPTS)
 
 
 def generate(work: Recipe, console) -> tuple[dict[str, str], dict[str, list], dict[str, Any]]:
@@ -178,10 +176,6 @@ def collect(work: Recipe, items: dict[str, Item], shards: dict[str, list], outco
 
 def score_rewards(recipe: Recipe, work: Recipe, rows: list[dict], items: dict[str, Item], console) -> str | None:
     """Reward of every non-empty response, cached per model under eval/work/rewards/; returns an error or None."""
-    import pyarrow as pa
-
-    from fusechat.run import read_table
-
     for r in rows:
         r["reward"] = None
     try:
@@ -201,7 +195,7 @@ def score_rewards(recipe: Recipe, work: Recipe, rows: list[dict], items: dict[st
             key = stable_hash(rm_revision, settings, [(r["_key"], r["text"]) for r in mrows])
             cache = stage_dir(work, "scores") / "rewards" / f"{model}-{key}.parquet"
             if cache.exists():
-                got = dict(zip(*read_table(cache).select(["key", "reward"]).to_pydict().values()))
+                got = dict(zip(*read(EVAL_REWARDS, cache).select(["key", "reward"]).to_pydict().values()))
                 for r in mrows:
                     r["reward"] = got.get(r["_key"])
                 progress.advance(task, len(mrows))
@@ -214,8 +208,8 @@ def score_rewards(recipe: Recipe, work: Recipe, rows: list[dict], items: dict[st
                      for r in todo]
             for r, o in zip(todo, scorer.score(convs, progress=lambda n: progress.advance(task, n))):
                 r["reward"] = o.score
-            write_table(pa.Table.from_pylist([{"key": r["_key"], "reward": r["reward"]} for r in mrows],
-                                             schema=pa.schema([("key", pa.string()), ("reward", pa.float64())])), cache)
+            write_table(EVAL_REWARDS.from_rows({"key": r["_key"], "reward": r["reward"]} for r in mrows), cache,
+                        EVAL_REWARDS)
     return None
 
 
@@ -237,20 +231,11 @@ def write_exports(out_dir: Path, rows: list[dict], items: dict[str, Item], revis
 
 
 def _generations_table(rows: list[dict]):
-    import pyarrow as pa
-
-    schema = pa.schema([
-        ("model", pa.string()), ("set", pa.string()), ("prompt_id", pa.string()), ("text", pa.string()),
-        ("correct", pa.bool_()), ("reward", pa.float64()), ("domain", pa.string()), ("column", pa.string()),
-        ("check_status", pa.string()), ("check_detail", pa.string()), ("finish_reason", pa.string()),
-        ("completion_tokens", pa.int64()), ("model_revision", pa.string()),
-    ])
-    return pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in rows], schema=schema)
+    return EVAL_GENERATIONS.from_rows({k: r[k] for k in EVAL_GENERATIONS.names} for r in rows)
 
 
 def run_eval(recipe: Recipe) -> Manifest:
     recipe.require("eval", "target")
-    import pyarrow as pa
     from rich.console import Console
 
     from fusechat.eval import report
@@ -281,10 +266,8 @@ def run_eval(recipe: Recipe) -> Manifest:
     columns = list(dict.fromkeys(it.column for it in all_items if it.column))
     totals = {c: sum(1 for it in all_items if it.column == c) for c in columns}
     results = report.metrics(rows, columns, totals, BASE)
-    write_table(_generations_table(rows), out_dir / "generations.parquet")
-    write_table(pa.Table.from_pylist(results, schema=pa.schema([("model", pa.string()), ("domain", pa.string()),
-                                                                 ("metric", pa.string()), ("value", pa.float64())])),
-                out_dir / "results.parquet")
+    write_table(_generations_table(rows), out_dir / "generations.parquet", EVAL_GENERATIONS)
+    write_table(EVAL_RESULTS.from_rows(results), out_dir / "results.parquet", EVAL_RESULTS)
     header, table = report.table_rows(results, names, columns)
     title = f"fusechat eval: {recipe.name}"
     (out_dir / "table.md").write_text(report.markdown(header, table, title))

@@ -20,13 +20,14 @@ import random
 from pathlib import Path
 from typing import Any
 
-from fusechat.errors import FusechatError
+from fusechat.errors import InputError
 from fusechat.prompts.adapters import ADAPTERS
 from fusechat.prompts.base import Adapter, BadValue, Prompt
 from fusechat.prompts.classify import classify
 from fusechat.prompts.filters import Decontaminator, NearDedup
 from fusechat.recipe import Filters, PromptDataset, Recipe
 from fusechat.run import Manifest, load_manifest, stable_hash, stage_dir, write_table
+from fusechat.tables import DROPPED_PROMPTS, PROMPTS, readable
 
 # bump when adapters or filters change what they produce, so old prompt tables are not reused
 FORMAT = 2
@@ -36,8 +37,7 @@ REASONS = (
 )
 
 
-class PromptDataError(FusechatError, ValueError):
-    """A prompt data set that cannot be read; the message names the data set, row and column."""
+PromptDataError = InputError  # a prompt data set that cannot be read (the name earlier versions raised)
 
 
 def _where(i: int, d: PromptDataset) -> str:
@@ -46,6 +46,18 @@ def _where(i: int, d: PromptDataset) -> str:
 
 def load_table(ref: str, split: str, revision: str | None = None):
     """A `datasets.Dataset` from a local file or folder (absolute path) or a hub id."""
+    from datasets.utils import logging as datasets_logging
+
+    # a file that fails to parse is reported once, by the caller, with its line (json_problem)
+    level = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    try:
+        return _load_table(ref, split, revision)
+    finally:
+        datasets_logging.set_verbosity(level)
+
+
+def _load_table(ref: str, split: str, revision: str | None):
     from datasets import load_dataset
 
     path = Path(ref)
@@ -56,6 +68,30 @@ def load_table(ref: str, split: str, revision: str | None = None):
     # a single file is the split itself
     builder = "parquet" if ".parquet" in path.suffixes else "json"
     return load_dataset(builder, data_files=str(path), split="train")
+
+
+def json_problem(ref: str) -> tuple[Path, str] | None:
+    """(file, "line N: ...") for the first malformed line of a local JSON or JSON Lines file (or
+    folder of them); None when they all parse. The `datasets` loader's own error names no line."""
+    path = Path(ref)
+    if not path.is_absolute() or not path.exists():
+        return None
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    for f in (f for f in files if f.is_file() and f.suffix in (".json", ".jsonl")):
+        text = f.read_text(encoding="utf-8", errors="replace")
+        try:
+            json.loads(text)
+            continue  # one JSON document
+        except json.JSONDecodeError as e:
+            if text.lstrip().startswith("["):  # an array over many lines: the parser's line is right
+                return f, f"line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})"
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                if line.strip():
+                    json.loads(line)
+            except json.JSONDecodeError as e:
+                return f, f"line {n}: not valid JSON ({e.msg}, column {e.colno})"
+    return None
 
 
 def _fingerprint(ref: str) -> list | None:
@@ -76,7 +112,7 @@ def prompts_key(recipe: Recipe) -> str:
 
 def _adapter(i: int, d: PromptDataset) -> Adapter:
     if d.adapter not in ADAPTERS:
-        raise PromptDataError(
+        raise InputError(
             f"{_where(i, d)}: unknown adapter {d.adapter!r}; known adapters: {', '.join(sorted(ADAPTERS))}"
         )
     return ADAPTERS[d.adapter]
@@ -141,10 +177,15 @@ def _read(i: int, d: PromptDataset, adapter: Adapter, recipe: Recipe, books: _Bo
     try:
         table = load_table(ref, d.split, d.revision)
     except Exception as e:  # datasets raises many types; all mean the same to the user
-        raise PromptDataError(f"{_where(i, d)}: cannot load split {d.split!r}: {e}") from e
+        bad_line = json_problem(ref)  # datasets logged its own version of this, without the line
+        if bad_line:
+            file, why = bad_line
+            inside = "" if file == Path(ref) else f"{file}: "  # a folder: name its file
+            raise InputError(f"{_where(i, d)}: {inside}{why}") from None
+        raise InputError(f"{_where(i, d)}: cannot load split {d.split!r}: {e}") from e
     columns, missing = adapter.columns(table.column_names)
     if missing:
-        raise PromptDataError(
+        raise InputError(
             f"{_where(i, d)}: adapter {adapter.name!r} needs column {', '.join(missing)}; "
             f"the table has {', '.join(table.column_names)}"
         )
@@ -156,7 +197,7 @@ def _read(i: int, d: PromptDataset, adapter: Adapter, recipe: Recipe, books: _Bo
         try:
             p = adapter.convert(row)
         except BadValue as e:
-            raise PromptDataError(f"{_where(i, d)}: row {r}: column {e.column!r}: {e}") from None
+            raise InputError(f"{_where(i, d)}: row {r}: column {e.column!r}: {e}") from None
         rec = {
             "prompt_id": stable_hash(d.name, _normalized(p.messages)),
             "dataset": d.name, "domain": d.domain, "messages": p.messages,
@@ -238,13 +279,13 @@ def _limit(records: list[dict], limit: int, seed: str, books: _Books) -> list[di
 
 def build_prompts(recipe: Recipe) -> Manifest:
     """Write `<run_dir>/prompts/{prompts,dropped}.parquet` + manifest; reuse them when unchanged."""
-    import pyarrow as pa
     from rich.console import Console
 
     console = Console(stderr=True)
     out_dir = stage_dir(recipe, "prompts")
     key = prompts_key(recipe)
-    if (out_dir / "prompts.parquet").exists() and (out_dir / "manifest.json").exists():
+    # a table cut short (full disk, stopped copy) is rebuilt, not reused
+    if readable(out_dir / "prompts.parquet") and (out_dir / "manifest.json").exists():
         previous = load_manifest(out_dir)
         if previous.get("extra", {}).get("prompts_key") == key:
             console.print(f"prompts: reusing {out_dir / 'prompts.parquet'} (same data sets and filters)")
@@ -261,7 +302,7 @@ def build_prompts(recipe: Recipe) -> Manifest:
                 lambda path: load_table(path, "train"),
             )
         except ValueError as e:
-            raise PromptDataError(f"filters.decontaminate: {e}") from e
+            raise InputError(f"filters.decontaminate: {e}") from e
     exact: dict[str, str] = {}  # normalized-messages hash -> kept prompt id, over all data sets
     near = NearDedup(f.near_dedup_threshold) if f.near_dedup_threshold else None
     books = _Books()
@@ -286,29 +327,15 @@ def build_prompts(recipe: Recipe) -> Manifest:
         books.kept += survivors
         books.per_dataset[d.name]["kept"] = len(survivors)
 
-    message = pa.struct([("role", pa.string()), ("content", pa.string())])
-    prompts = pa.Table.from_pylist(
-        [
-            {"prompt_id": r["prompt_id"], "dataset": r["dataset"], "domain": r["domain"],
-             "messages": r["messages"], "gold_answer": r["gold_answer"], "tests": r["tests"],
-             "meta": json.dumps(r["meta"], ensure_ascii=False, sort_keys=True)}
-            for r in books.kept
-        ],
-        schema=pa.schema([
-            ("prompt_id", pa.string()), ("dataset", pa.string()), ("domain", pa.string()),
-            ("messages", pa.list_(message)), ("gold_answer", pa.string()),
-            ("tests", pa.list_(pa.string())), ("meta", pa.string()),
-        ]),
+    prompts = PROMPTS.from_rows(
+        {"prompt_id": r["prompt_id"], "dataset": r["dataset"], "domain": r["domain"],
+         "messages": r["messages"], "gold_answer": r["gold_answer"], "tests": r["tests"],
+         "meta": json.dumps(r["meta"], ensure_ascii=False, sort_keys=True)}
+        for r in books.kept
     )
-    dropped = pa.Table.from_pylist(
-        books.dropped,
-        schema=pa.schema([
-            ("prompt_id", pa.string()), ("dataset", pa.string()), ("row", pa.int64()),
-            ("reason", pa.string()), ("detail", pa.string()),
-        ]),
-    )
-    write_table(prompts, out_dir / "prompts.parquet")
-    write_table(dropped, out_dir / "dropped.parquet")
+    dropped = DROPPED_PROMPTS.from_rows(books.dropped)
+    write_table(prompts, out_dir / "prompts.parquet", PROMPTS)
+    write_table(dropped, out_dir / "dropped.parquet", DROPPED_PROMPTS)
 
     manifest.rows_in = sum(c["read"] for c in books.per_dataset.values())
     manifest.rows_out = prompts.num_rows

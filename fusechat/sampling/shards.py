@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fusechat.recipe import DOMAINS, Recipe, Source, is_local_path
-from fusechat.run import read_table, stable_hash, stage_dir
+from fusechat.recipe import Recipe, Source, is_local_path
+from fusechat.run import set_aside, stable_hash, stage_dir
+from fusechat.tables import DOMAINS, PROMPTS, RESPONSE_SHARD, RESPONSES, read, readable
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -25,10 +26,7 @@ META_KEY = b"fusechat"
 # Shard files carry the prompt ids each engine received (for the one-BOS audit); the merged table
 # drops them.
 RECEIVED = "received_ids"
-COLUMNS = (
-    "response_id", "prompt_id", "source", "model_revision", "sample_index", "text",
-    "finish_reason", "prompt_tokens", "completion_tokens", "truncated",
-)
+COLUMNS = tuple(RESPONSES.names)
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,7 @@ def response_id(prompt_id: str, source: str, sample_index: int, setting: dict[st
 
 
 def load_prompts(recipe: Recipe) -> pa.Table:
-    return read_table(stage_dir(recipe, "prompts") / "prompts.parquet")
+    return read(PROMPTS, stage_dir(recipe, "prompts") / "prompts.parquet", ("prompt_id", "domain"))
 
 
 def plan_source(recipe: Recipe, source: Source, prompts: pa.Table, revision: str) -> list[Shard]:
@@ -107,30 +105,22 @@ def shard_path(recipe: Recipe, shard: Shard) -> Path:
     return stage_dir(recipe, "responses") / "shards" / shard.source / f"{shard.shard_id}.parquet"
 
 
-def schema() -> pa.Schema:
-    import pyarrow as pa
-
-    return pa.schema([
-        ("response_id", pa.string()), ("prompt_id", pa.string()), ("source", pa.string()),
-        ("model_revision", pa.string()), ("sample_index", pa.int32()), ("text", pa.string()),
-        ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()),
-        ("completion_tokens", pa.int32()), ("truncated", pa.bool_()),
-        (RECEIVED, pa.list_(pa.int32())),
-    ])
+def set_aside_damaged(recipe: Recipe, shards: list[Shard]) -> list[Path]:
+    """Move shard files that cannot be read (cut short by a full disk or a killed copy) into
+    `damaged/` beside them, so that they count as missing and are sampled again."""
+    paths = [shard_path(recipe, s) for s in shards]
+    return [set_aside(p) for p in paths if p.exists() and not readable(p)]
 
 
 def write_shard(recipe: Recipe, shard: Shard, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
-    import pyarrow as pa
-
     from fusechat.run import write_table
 
-    sch = schema().with_metadata({META_KEY: json.dumps(meta).encode()})
-    table = pa.Table.from_pylist(rows, schema=sch)
+    table = RESPONSE_SHARD.from_rows(rows, {META_KEY: json.dumps(meta).encode()})
     path = shard_path(recipe, shard)
-    write_table(table, path)
+    write_table(table, path, RESPONSE_SHARD)
     return path
 
 
 def read_shard(path: Path) -> tuple[pa.Table, dict[str, Any]]:
-    table = read_table(path)
+    table = read(RESPONSE_SHARD, path)
     return table, json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))

@@ -6,7 +6,9 @@ so each model gets the accelerator's whole memory. A worker that dies mid-shard 
 out of memory, kill) is started again for the shards still missing, up to `retries` times; a model
 that fails to load is not retried. Either way the other sources go on, every finished shard stays
 on disk, the table and manifest are written from what exists, and the stage then raises
-`SamplingError` naming what is missing, so a rerun computes only that.
+`SamplingError` naming what is missing, so a rerun computes only that. A shard file that cannot be
+read (cut short by a full disk or a killed copy) is moved to `damaged/` beside it and sampled
+again; the manifest lists it under `damaged_shards`.
 """
 
 from __future__ import annotations
@@ -16,25 +18,25 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fusechat.errors import FusechatError
+from fusechat.errors import IncompleteError
 from fusechat.recipe import Recipe, RecipeError, Source
 from fusechat.run import Manifest, stage_dir, write_table
 from fusechat.sampling.shards import (
-    COLUMNS, RECEIVED, Shard, load_prompts, model_revision, plan_source, read_shard, schema,
-    shard_path,
+    RECEIVED, Shard, load_prompts, model_revision, plan_source, read_shard, set_aside_damaged, shard_path,
 )
+from fusechat.tables import RESPONSES
 from fusechat.sampling.worker import LOAD_FAILED
 
 LOAD_FAILED_REASON = "source_load_failed"
 ENGINE_ERROR_REASON = "engine_error"
 
 
-class SamplingError(FusechatError, RuntimeError):
-    """Some shards could not be computed; the message names the sources, paths and causes."""
+SamplingError = IncompleteError  # some shards could not be computed; names sources, paths, causes
 
 
 @dataclass
@@ -60,6 +62,7 @@ def plan(recipe: Recipe) -> tuple[dict[str, str], dict[str, list[Shard]]]:
         except ValueError as e:
             raise RecipeError(f"sources[{i}] ({source.name}): {e}") from None
         shards[source.name] = plan_source(recipe, source, prompts, revisions[source.name])
+        set_aside_damaged(recipe, shards[source.name])
     return revisions, shards
 
 
@@ -72,7 +75,8 @@ def _source(recipe: Recipe, name: str) -> tuple[int, Source]:
 
 def _log_tail(path: Path, lines: int = 12) -> str:
     text = path.read_text(errors="replace").splitlines() if path.exists() else []
-    return "\n".join("    " + line for line in text[-lines:])
+    text = [line for line in text if line.strip()]
+    return "\n".join("    " + line for line in text[-lines:]) or "    (the log is empty)"
 
 
 def sample_source(
@@ -116,7 +120,8 @@ def sample_source(
             continue
         if code == LOAD_FAILED:
             out.status = LOAD_FAILED_REASON
-            out.message = f"{where} failed to load: {failure.get('message', '')}\n  log {log}:\n{_log_tail(log)}"
+            cause = failure.get("message") or "no message"
+            out.message = f"{where} failed to load (worker exit code {code}): {cause}\n  log {log}:\n{_log_tail(log)}"
             return out
         cause = failure.get("message") or f"worker exited with code {code}"
         out.message = f"{where}: attempt {attempt + 1} stopped: {cause}\n  log {log}:\n{_log_tail(log)}"
@@ -158,12 +163,16 @@ def merge(
     revisions: dict[str, str],
     shards: dict[str, list[Shard]],
     outcomes: dict[str, SourceOutcome] | None = None,
+    started_at: float | None = None,
 ) -> Manifest:
-    """`responses/responses.parquet` and its manifest from the shard files that exist."""
+    """`responses/responses.parquet` and its manifest from the shard files that exist; the
+    manifest's wall time counts from `started_at` (default: now)."""
     import pyarrow as pa
 
     outcomes = outcomes or {}
     man = Manifest.start(recipe, "responses")
+    if started_at is not None:
+        man.started_at = started_at
     tables = []
     per_source: dict[str, dict[str, Any]] = {}
     requests_in = requests_done = 0
@@ -196,13 +205,12 @@ def merge(
                 man.drop(reason, len(pids) * shard.n)
                 requests_dropped[reason] = requests_dropped.get(reason, 0) + len(pids)
                 stats["dropped"][reason] = stats["dropped"].get(reason, 0) + len(pids) * shard.n
-    out_schema = pa.schema([schema().field(c) for c in COLUMNS])
-    table = pa.concat_tables(tables) if tables else out_schema.empty_table()
+    table = pa.concat_tables(tables) if tables else RESPONSES.schema().empty_table()
     # A request that returned fewer samples than asked (a server that ignores n) must not vanish.
     short = man.rows_in - man.rows_out - sum(man.dropped.values())
     man.drop("fewer_samples_than_requested", short)
     out_dir = stage_dir(recipe, "responses")
-    write_table(table, out_dir / "responses.parquet")
+    write_table(table, out_dir / "responses.parquet", RESPONSES)
     man.outputs = {"responses.parquet": table.num_rows}
     man.models = dict(revisions)
     man.extra = {
@@ -210,28 +218,25 @@ def merge(
         "truncated": sum(s["truncated"] for s in per_source.values()),
         "per_source": per_source,
         "failures": {n: o.message for n, o in outcomes.items() if o.status != "done"},
+        # shard files that could not be read, set aside and sampled again
+        "damaged_shards": sorted(str(p.relative_to(out_dir)) for name in shards
+                                 for p in (out_dir / "shards" / name / "damaged").glob("*")),
     }
     man.check_balance()
     man.save(out_dir)
     return man
 
 
-def _build_prompts(recipe: Recipe) -> None:
-    try:
-        from fusechat.prompts import build_prompts
-    except ImportError as e:  # the prompts stage is not part of this installation
-        if e.name != "fusechat.prompts":
-            raise
-        return  # prompts/prompts.parquet written by other means; load_prompts says if it is missing
-    build_prompts(recipe)
-
-
 def run_sample(recipe: Recipe, retries: int = 2) -> Manifest:
+    """Prompts first (`fusechat prompts`: reused when unchanged), then every source's missing shards."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fusechat.prompts import build_prompts
+
+    started_at = time.time()
     console = Console(stderr=True)
-    _build_prompts(recipe)
+    build_prompts(recipe)
     revisions, shards = plan(recipe)
     outcomes: dict[str, SourceOutcome] = {}
     progress = Progress(
@@ -262,7 +267,7 @@ def run_sample(recipe: Recipe, retries: int = 2) -> Manifest:
 
         for name, source_shards in shards.items():
             outcomes[name] = sample_source(recipe, name, source_shards, revisions[name], on_event, retries)
-    manifest = merge(recipe, revisions, shards, outcomes)
+    manifest = merge(recipe, revisions, shards, outcomes, started_at)
     console.print(summary_table(manifest, outcomes))
     failed = [o for o in outcomes.values() if o.status != "done"]
     if failed:

@@ -12,16 +12,13 @@ from dataclasses import dataclass
 
 from fusechat.scoring.sandbox import Check, CheckResult, Sandbox
 
-# statuses written to scores.parquet `check_status` by this module
-STATUSES = ("pass", "fail", "timeout", "error")
-
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = {"python", "py", "python3"}
 
 
 @dataclass
 class CodeResult:
-    status: str
+    status: str  # one of fusechat.tables.CODE_STATUSES
     detail: str
 
 

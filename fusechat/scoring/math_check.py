@@ -14,8 +14,7 @@ import multiprocessing as mp
 import queue
 from dataclasses import dataclass
 
-# statuses written to scores.parquet `check_status` by this module
-STATUSES = ("correct", "incorrect", "unparseable", "timeout", "error")
+# the statuses this module writes to scores.parquet `check_status`: fusechat.tables.MATH_STATUSES
 
 
 @dataclass

@@ -24,76 +24,33 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fusechat.errors import FusechatError
-from fusechat.run import Manifest, read_table, stable_hash, stage_dir, write_table
+from fusechat.errors import InputError
+from fusechat.run import Manifest, set_aside, stable_hash, stage_dir, write_table
+from fusechat.tables import CHECK_SHARD, PROMPTS, RESPONSES, REWARD_SHARD, SCORES, read, readable
 from fusechat.scoring.checks import PRELUDE_KEY, Checkers
 from fusechat.scoring.reward import recipe_scorer, resolve_model
 
 if TYPE_CHECKING:
     from fusechat.recipe import Recipe
 
-COLUMNS = ("response_id", "prompt_id", "source", "domain", "reward", "objective_rewards", "check",
-           "check_status", "check_detail", "truncated")
-PROMPT_COLUMNS = ("prompt_id", "dataset", "domain", "messages", "gold_answer", "tests", "meta")
+COLUMNS = tuple(SCORES.names)
+# the columns of the responses table that scoring reads (the prompts table is read whole)
 RESPONSE_COLUMNS = ("response_id", "prompt_id", "source", "text", "truncated")
-
-
-def _schema():
-    import pyarrow as pa
-
-    return pa.schema([
-        ("response_id", pa.string()), ("prompt_id", pa.string()), ("source", pa.string()),
-        ("domain", pa.string()), ("reward", pa.float64()), ("objective_rewards", pa.list_(pa.float64())),
-        ("check", pa.string()), ("check_status", pa.string()), ("check_detail", pa.string()),
-        ("truncated", pa.bool_()),
-    ])
-
-
-def _reward_schema():
-    import pyarrow as pa
-
-    return pa.schema([("response_id", pa.string()), ("reward", pa.float64()),
-                      ("objective_rewards", pa.list_(pa.float64())), ("reward_truncated", pa.bool_()),
-                      ("reward_detail", pa.string())])
-
-
-def _check_schema():
-    import pyarrow as pa
-
-    return pa.schema([("response_id", pa.string()), ("check", pa.string()), ("check_status", pa.string()),
-                      ("check_detail", pa.string())])
-
-
-class ScoreInputError(FusechatError, ValueError):
-    """A prompts or responses table the stage cannot use; names the file, row and field."""
-
-
-def _read(path: Path):
-    try:
-        return read_table(path)
-    except FileNotFoundError as e:
-        raise ScoreInputError(str(e)) from None
-
-
-def _require(table, columns: tuple[str, ...], path: Path) -> None:
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise ScoreInputError(f"{path}: missing column(s) {', '.join(missing)}; present: {', '.join(table.column_names)}")
+ScoreInputError = InputError  # the name earlier versions raised
 
 
 def _load_prompts(path: Path) -> dict[str, dict[str, Any]]:
-    table = _read(path)
-    _require(table, PROMPT_COLUMNS, path)
+    table = read(PROMPTS, path)
     prompts: dict[str, dict[str, Any]] = {}
-    for row, p in enumerate(table.select(list(PROMPT_COLUMNS)).to_pylist()):
+    for row, p in enumerate(table.select(PROMPTS.names).to_pylist()):
         if p["prompt_id"] in prompts:
-            raise ScoreInputError(f"{path}: row {row}: prompt_id {p['prompt_id']!r} appears twice")
+            raise InputError(f"{path}: row {row}: prompt_id {p['prompt_id']!r} appears twice")
         try:
             p["meta"] = json.loads(p["meta"]) if p["meta"] else {}
         except json.JSONDecodeError as e:
-            raise ScoreInputError(f"{path}: row {row}: field meta is not valid JSON ({e})") from None
+            raise InputError(f"{path}: row {row}: field meta is not valid JSON ({e})") from None
         if not isinstance(p["messages"], list) or not p["messages"]:
-            raise ScoreInputError(f"{path}: row {row}: field messages is empty")
+            raise InputError(f"{path}: row {row}: field messages is empty")
         prompts[p["prompt_id"]] = p
     return prompts
 
@@ -105,8 +62,7 @@ def _load_rows(recipe: Recipe, manifest: Manifest) -> list[dict[str, Any]]:
     run = recipe.run_path()
     prompts = _load_prompts(run / "prompts" / "prompts.parquet")
     path = run / "responses" / "responses.parquet"
-    table = _read(path)
-    _require(table, RESPONSE_COLUMNS, path)
+    table = read(RESPONSES, path, RESPONSE_COLUMNS)
     manifest.rows_in = table.num_rows
     # read text as bytes: a writer that put non-UTF-8 bytes in the column must not stop the stage
     raw_text = table.column("text").cast(pa.binary()).to_pylist()
@@ -156,7 +112,7 @@ def _reward_shard(scorer, rows: list[dict], path: Path, progress=None) -> None:
         {"response_id": r["response_id"], "reward": o.score, "objective_rewards": o.objectives,
          "reward_truncated": o.truncated, "reward_detail": o.detail}
         for r, o in zip(rows, outputs)
-    ], schema=_reward_schema()), path)
+    ], schema=REWARD_SHARD.schema()), path, REWARD_SHARD)
 
 
 def _reward_worker(rank: int, recipe_json: str, model_path: str, todo: list, devices: list[str]) -> None:
@@ -214,7 +170,7 @@ def _check_shard(checkers: Checkers, rows: list[dict], path: Path, progress) -> 
         items = [(rows[i]["text"], rows[i]["tests"], rows[i]["setup"], rows[i]["prelude"]) for i in code_idx]
         for i, res in zip(code_idx, checkers.code_many(items, progress)):
             out[i].update(check="code", check_status=res.status, check_detail=res.detail)
-    write_table(pa.Table.from_pylist(out, schema=_check_schema()), path)
+    write_table(pa.Table.from_pylist(out, schema=CHECK_SHARD.schema()), path, CHECK_SHARD)
 
 
 # -- stage --------------------------------------------------------------------------------------
@@ -245,6 +201,8 @@ def run_score(recipe: Recipe) -> Manifest:
     model_path, revision = resolve_model(recipe)
     manifest.models[recipe.scoring.reward_model.model] = revision
     shards = list(_shards(recipe, rows, revision, shards_dir))
+    # a shard file cut short (full disk, killed copy) is work to redo, not an input to trust
+    damaged = [set_aside(p) for _, rp, cp in shards for p in (rp, cp) if p.exists() and not readable(p)]
     reward_todo = [(part, rp) for part, rp, _ in shards if not rp.exists()]
     check_todo = [(part, cp) for part, _, cp in shards if not cp.exists()]
 
@@ -265,7 +223,7 @@ def run_score(recipe: Recipe) -> Manifest:
         manifest.extra["sandbox"] = checkers.isolation
 
     merged, reward_details = _merge(rows, shards)
-    write_table(pa.Table.from_pylist(merged, schema=_schema()), out_dir / "scores.parquet")
+    write_table(pa.Table.from_pylist(merged, schema=SCORES.schema()), out_dir / "scores.parquet", SCORES)
     expected = {p.name for _, rp, cp in shards for p in (rp, cp)}
     for stale in shards_dir.glob("*.parquet"):  # shards of earlier settings or inputs
         if stale.name not in expected:
@@ -275,6 +233,8 @@ def run_score(recipe: Recipe) -> Manifest:
     manifest.extra.update(_counts(rows, merged, reward_details))
     manifest.extra["shards"] = {"total": len(shards), "reward_computed": len(reward_todo),
                                 "checks_computed": len(check_todo)}
+    # shard files that could not be read, moved to shards/damaged/ and computed again
+    manifest.extra["damaged_shards"] = [str(p.relative_to(out_dir)) for p in damaged]
     manifest.extra["summary"] = summary(merged)
     manifest.check_balance()
     manifest.save(out_dir)
@@ -286,8 +246,8 @@ def _merge(rows: list[dict], shards) -> tuple[list[dict], list[str]]:
     """Rows of scores.parquet, and why each reward is null ("" where it is not)."""
     rewards, checks = {}, {}
     for _, rp, cp in shards:
-        rewards.update({r["response_id"]: r for r in read_table(rp).to_pylist()})
-        checks.update({r["response_id"]: r for r in read_table(cp).to_pylist()})
+        rewards.update({r["response_id"]: r for r in read(REWARD_SHARD, rp).to_pylist()})
+        checks.update({r["response_id"]: r for r in read(CHECK_SHARD, cp).to_pylist()})
     merged, reward_details = [], []
     for r in rows:
         rw, ck = rewards[r["response_id"]], checks[r["response_id"]]

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fusechat.errors import FusechatError
 from fusechat.recipe import RecipeError
 from fusechat.run import Manifest, atomic_write_bytes, stage_dir
 
@@ -411,7 +412,7 @@ def module_main(stage: str, fn) -> None:
     args = p.parse_args()
     try:
         fn(load_recipe(args.recipe, run_dir=args.run_dir))
-    except RecipeError as e:
+    except FusechatError as e:  # a recipe or an input table that cannot be used
         print(str(e), file=sys.stderr)
         sys.exit(2)
     # Wait for every rank, then tear the process group down before the interpreter exits. Rank 0
