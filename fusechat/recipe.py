@@ -321,6 +321,12 @@ class Recipe(_Strict):
                          "share their sampled, scored and built data")
     seed: int = Field(0, description="seed of the engines, of which prompts a data set's `limit` keeps, and of the "
                       "response ids")
+    template_date: str = Field(
+        "26 Jul 2024", min_length=1,
+        description="the date chat templates that print one show (Llama-3.1/3.2's \"Today Date\"; Llama-3.2's "
+        "own default is the day of the run); fixed so a run renders the same prompts on any day. Default: "
+        "the date those templates carry themselves",
+    )
     sources: list[Source] = Field(min_length=1, description="the source models, sampled in this order")
     datasets: list[PromptDataset] = Field(min_length=1, description="the prompt data sets")
     filters: Filters = Field(default_factory=Filters, description="the prompt filters")

@@ -144,9 +144,20 @@ def apply_length_policy(
     return (ds if len(keep) == len(ds) else ds.select(keep)), counts
 
 
-def token_length(tokenizer, messages: list[dict[str, str]], chat_template: str | None = None, **kw) -> int:
-    ids = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=True, return_dict=False, **kw)
-    return len(ids)
+def token_length(tokenizer, messages: list[dict[str, str]], **kw) -> int:
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kw))
+
+
+def for_template(ds: Dataset, columns: tuple[str, ...], family: str, variables: dict[str, Any]) -> Dataset:
+    """Rows as the target's chat template takes them, rendered as sampling renders them: Gemma-2's
+    system fold (its template raises on a system turn), and the template variables (the recipe's
+    date) in TRL's per-row `chat_template_kwargs`, which its trainers pass to every render."""
+    from fusechat.templates import template_messages
+
+    def fix(row: dict[str, Any]) -> dict[str, Any]:
+        return {**{c: template_messages(row[c], family) for c in columns}, "chat_template_kwargs": variables}
+
+    return ds.map(fix, desc="rows for the chat template")
 
 
 # -- config --------------------------------------------------------------------------------------

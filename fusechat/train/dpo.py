@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fusechat import templates
 from fusechat.recipe import RecipeError
 from fusechat.run import Manifest
 from fusechat.train import attention, common
@@ -30,11 +31,12 @@ def sft_model(recipe: Recipe) -> Path:
     return path
 
 
-def _lengths(ds, tokenizer) -> tuple[list[int], list[int]]:
+def _lengths(ds, tokenizer, variables) -> tuple[list[int], list[int]]:
     full, prompt = [], []
     for p, c, r in zip(ds["prompt"], ds["chosen"], ds["rejected"], strict=True):
-        full.append(max(common.token_length(tokenizer, p + c), common.token_length(tokenizer, p + r)))
-        prompt.append(common.token_length(tokenizer, p, add_generation_prompt=True))
+        full.append(max(common.token_length(tokenizer, p + c, **variables),
+                        common.token_length(tokenizer, p + r, **variables)))
+        prompt.append(common.token_length(tokenizer, p, add_generation_prompt=True, **variables))
     return full, prompt
 
 
@@ -56,6 +58,7 @@ def build_trainer(
     kwargs["model_init_kwargs"]["attn_implementation"] = attn_implementation or attention.choose()
     peft = common.peft_config(cfg, "dpo", kwargs["model_init_kwargs"])
     tokenizer = common.load_tokenizer(str(base))
+    variables = templates.template_kwargs(recipe.template_date)
 
     data_dir = recipe.run_path() / "datasets" / "dpo"
     test_path = data_dir / "test.parquet"
@@ -70,7 +73,8 @@ def build_trainer(
         if split == "test" and not common.has_rows(path):
             continue
         ds = common.load_split(path, COLUMNS, common.check_dpo_row, out / "cache")
-        full, prompt = _lengths(ds, tokenizer)
+        ds = common.for_template(ds, COLUMNS, recipe.target.family, variables)
+        full, prompt = _lengths(ds, tokenizer, variables)
         splits[split], counts[split] = common.apply_length_policy(
             ds, full, prompt, cfg, manifest if split == "train" else None
         )

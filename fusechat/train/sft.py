@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusechat import templates
 from fusechat.recipe import RecipeError
 from fusechat.run import Manifest
 from fusechat.train import attention, common
@@ -22,26 +23,23 @@ if TYPE_CHECKING:
     from fusechat.recipe import Recipe
 
 
-def training_chat_template(tokenizer, model_ref: str) -> str | None:
-    """The chat template with `{% generation %}` markers that assistant-only loss needs: the
-    tokenizer's own when it has them, else TRL's patched copy for the families it knows."""
-    from trl.chat_template_utils import get_training_chat_template
-
+def training_template(recipe: Recipe, tokenizer, model_ref: str):
+    """The template assistant-only loss trains with (`fusechat.templates.training_template`), or
+    None when the whole conversation is trained."""
+    if not recipe.sft.assistant_only_loss:
+        return None
     try:
-        return get_training_chat_template(tokenizer)
-    except ValueError as e:
-        raise RecipeError(
-            f"sft.assistant_only_loss: the chat template of {model_ref} has no {{% generation %}} markers and "
-            f"TRL cannot patch it ({e}); add the markers to the template or set sft.assistant_only_loss: false"
-        ) from None
+        return templates.training_template(tokenizer, model_ref, recipe.target.family)
+    except templates.TemplateError as e:
+        raise RecipeError(f"sft.assistant_only_loss: {e}") from None
 
 
-def _lengths(ds, tokenizer, template) -> tuple[list[int], list[int]]:
+def _lengths(ds, tokenizer, variables) -> tuple[list[int], list[int]]:
     full, prompt = [], []
     for messages in ds["messages"]:
         first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        full.append(common.token_length(tokenizer, messages, template))
-        prompt.append(common.token_length(tokenizer, messages[:first], template, add_generation_prompt=True))
+        full.append(common.token_length(tokenizer, messages, **variables))
+        prompt.append(common.token_length(tokenizer, messages[:first], add_generation_prompt=True, **variables))
     return full, prompt
 
 
@@ -64,7 +62,14 @@ def build_trainer(
     kwargs["model_init_kwargs"]["attn_implementation"] = attn_implementation or attention.choose()
     peft = common.peft_config(cfg, "sft", kwargs["model_init_kwargs"])
     tokenizer = common.load_tokenizer(base, recipe.target.revision)
-    template = training_chat_template(tokenizer, base) if cfg.assistant_only_loss else None
+    template = training_template(recipe, tokenizer, base)
+    if template is not None:
+        # TRL masks with the tokenizer's template once it has generation markers; the final model
+        # folder gets the base's own template back (run_sft)
+        tokenizer.chat_template = template.text
+        if manifest is not None:
+            manifest.extra["chat_template"] = template.source
+    variables = templates.template_kwargs(recipe.template_date)
 
     data_dir = recipe.run_path() / "datasets" / "sft"
     cache = out / "cache"
@@ -74,7 +79,8 @@ def build_trainer(
         if split == "test" and not common.has_rows(path):
             continue
         ds = common.load_split(path, ("messages",), common.check_sft_row, cache)
-        full, prompt = _lengths(ds, tokenizer, template)
+        ds = common.for_template(ds, ("messages",), recipe.target.family, variables)
+        full, prompt = _lengths(ds, tokenizer, variables)
         splits[split], counts[split] = common.apply_length_policy(
             ds, full, prompt, cfg, manifest if split == "train" else None
         )
@@ -124,11 +130,13 @@ def run_sft(recipe: Recipe) -> Manifest:
     )
     metrics["attn_implementation"] = attention.used_by(trainer)
     common.log(f"sft: done, {trainer.state.global_step} steps")
+    # the model is published with the template its base ships (the training one only adds markers)
+    trainer.processing_class.chat_template = common.load_tokenizer(base, recipe.target.revision).chat_template
     common.save_final(trainer, out, base, trainer.args.model_init_kwargs["dtype"])
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(str(out))
         manifest.outputs = {"models/sft": manifest.rows_out}
-        manifest.extra = {"length_policy": counts, "resumed_from_step": resumed, "world_size": trainer.args.world_size}
+        manifest.extra.update(length_policy=counts, resumed_from_step=resumed, world_size=trainer.args.world_size)
         manifest.extra["attn_implementation"] = metrics["attn_implementation"]
         common.write_outputs(
             out, recipe, manifest, stage="sft", base_model=base, data=paths,
