@@ -32,14 +32,16 @@ the manifest balances prompts in = SFT rows + DPO rows + dropped by reason.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusechat import audit as rm_audit
 from fusechat.errors import InputError
 from fusechat.recipe import RecipeError
-from fusechat.run import Manifest, stage_dir, write_table
+from fusechat.run import Manifest, atomic_write_bytes, stage_dir, write_table
 from fusechat.tables import CHECK_STATUSES, DECISIONS, DOMAINS, DPO, PROMPTS, RESPONSES, SCORES, SFT, read
 
 if TYPE_CHECKING:
@@ -649,7 +651,8 @@ def write_plots(sel: Selection, resp: pd.DataFrame, tables: dict[str, pd.DataFra
     return out
 
 
-def report_markdown(recipe: Recipe, tables: dict[str, pd.DataFrame], plots: list[Path], base: Path) -> str:
+def report_markdown(recipe: Recipe, tables: dict[str, pd.DataFrame], plots: list[Path], base: Path,
+                    audit_section: str = "") -> str:
     b = recipe.build
     parts = [
         f"# Build report: {recipe.name}",
@@ -664,6 +667,8 @@ def report_markdown(recipe: Recipe, tables: dict[str, pd.DataFrame], plots: list
         "## DPO margins", markdown_table(tables["margins"]),
         "## Source of the SFT winners", markdown_table(tables["winners"]),
     ]
+    if audit_section:
+        parts.append(audit_section)
     parts += [f"![{p.stem}]({p.relative_to(base).as_posix()})" for p in plots]
     return "\n\n".join(parts) + "\n"
 
@@ -702,7 +707,14 @@ def run_build(recipe: Recipe) -> Manifest:
         manifest.outputs["decisions.parquet"] = len(dec)
         summary = summary_tables(sel, prompts, resp, recipe.build)
         plots = write_plots(sel, resp, summary, out / "plots")
-        (out / "report.md").write_text(report_markdown(recipe, summary, plots, out))
+    with console.status("build: auditing the reward model against the checkers"):
+        # from the tables just written, as anyone can recompute it; the cards and eval read audit.json
+        audit, frame = rm_audit.audit_run(run)
+        audit_json = rm_audit.to_json(audit)
+        atomic_write_bytes(out / rm_audit.AUDIT_FILE, audit_json.encode())
+        audit = json.loads(audit_json)
+        plots.append(rm_audit.plot(audit, frame, out / "plots" / rm_audit.PLOT_FILE))
+        (out / "report.md").write_text(report_markdown(recipe, summary, plots, out, rm_audit.markdown(audit)))
 
     manifest.rows_in = len(prompts)
     manifest.rows_out = len(sel.sft) + len(sel.dpo)
@@ -717,6 +729,7 @@ def run_build(recipe: Recipe) -> Manifest:
         "sft_rows": len(sel.sft), "dpo_rows": len(sel.dpo),
         "by_domain": {f"{d}/{a}": int(n) for (d, a), n in dec.groupby(["domain", "assigned"]).size().items()},
         "select_s": round(t_select, 3),
+        "audit_warnings": audit["warnings"],
         "options": recipe.build.model_dump(mode="json"),
     }
     manifest.check_balance()
@@ -735,5 +748,7 @@ def run_build(recipe: Recipe) -> Manifest:
         for reason, n in manifest.dropped.items():
             drops.add_row(reason, str(n))
         console.print(drops)
+    for w in audit["warnings"]:
+        console.print(f"[bold red]WARNING: {w}")
     console.print(f"report: {out / 'report.md'}")
     return manifest

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusechat import audit as rm_audit
 from fusechat.recipe import RecipeError
 from fusechat.run import Manifest, atomic_write_bytes, load_manifest, stage_dir
 from fusechat.tables import TABLES, read
@@ -47,7 +48,8 @@ def _upload_blocker(recipe: Recipe) -> str | None:
     return None
 
 
-def _card(recipe: Recipe, kind: str, splits: dict[str, object], build: dict, plots: list[str]) -> str:
+def _card(recipe: Recipe, kind: str, splits: dict[str, object], build: dict, plots: list[str],
+          audit: dict | None = None) -> str:
     import pandas as pd
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -106,6 +108,9 @@ def _card(recipe: Recipe, kind: str, splits: dict[str, object], build: dict, plo
         f"Reward model: `{recipe.scoring.reward_model.model}` (revision "
         f"`{recipe.scoring.reward_model.revision or 'unpinned'}`).",
         "## Prompt data sets", markdown_table(prompts),
+        # how far the reward model that chose these rows can be trusted, where a checker knows
+        rm_audit.markdown(audit) if audit is not None else
+        "## Reward-model audit\n\nNot computed (built before the audit existed): run `fusechat build` again.",
         "## License",
         "Rows derive from the prompt data sets and source models above; their terms apply to each row "
         "(for example, alpaca_gpt4_zh is CC BY-NC 4.0 upstream).",
@@ -142,7 +147,7 @@ def write_hub_folders(recipe: Recipe) -> tuple[dict[str, Path], int]:
             continue
         for p in plots:
             atomic_write_bytes(folder / "plots" / p.name, p.read_bytes())
-        card = _card(recipe, kind, splits, build, [f"plots/{p.name}" for p in plots])
+        card = _card(recipe, kind, splits, build, [f"plots/{p.name}" for p in plots], rm_audit.load(out))
         atomic_write_bytes(folder / "README.md", card.encode())
         folders[kind] = folder
     return folders, rows

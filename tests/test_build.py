@@ -262,10 +262,21 @@ def test_report_and_plots(tmp_path):
                     "DPO margins", "Source of the SFT winners", "no_pair_in_band"):
         assert section in text
     assert "| inst | instruction | 7 | 0 | 0 | 4 | 0 | 3 |" in text
-    for name in ("scores_by_source", "margins", "sft_winners"):
+    for name in ("scores_by_source", "margins", "sft_winners", "reward_audit"):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(plots/{name}.png)" in text
+    # the reward-model audit where the math checker knows: M1 6 of 6 right-vs-wrong pairs, M2 0 of 2
+    # (the timeout left out), M4 1 of 1; top picks right in M1 and M4, not M2
+    assert "## Reward-model audit" in text
+    audit = json.loads((out / "audit.json").read_text())
+    math_all = next(r for r in audit["judged"] if (r["domain"], r["source"]) == ("math", "all"))
+    assert (math_all["pairs"], math_all["competing"]) == (9, 3)
+    assert math_all["pairwise_accuracy"] == pytest.approx(7 / 9)
+    assert math_all["top1_right"] == pytest.approx(2 / 3)
+    assert (math_all["sft_right"], math_all["sft_rows"], math_all["dpo_chosen_right"], math_all["dpo_pairs"]) == (1, 1, 2, 2)
+    assert {r["domain"] for r in audit["judged"]} == {"math", "code"}  # no truth for instruction here
+    assert audit["warnings"] == []
 
 
 def _rewrite(run: Path, name: str, column: str, row: int, value) -> None:

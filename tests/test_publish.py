@@ -52,6 +52,9 @@ def test_folder_loads_with_datasets_and_card_has_provenance(built, tmp_path, cap
         assert built.content_hash() in card
         assert "| a | org/a | rev-a |" in card  # source, model id, revision from the responses
         assert "(plots/margins.png)" in card and (folder / "plots" / "margins.png").is_file()
+        # the reward-model audit travels with the data it chose
+        assert "## Reward-model audit" in card and "| math | all | checker |" in card
+        assert (folder / "plots" / "reward_audit.png").is_file()
 
 
 def test_unreachable_hub_uploads_nothing(built, monkeypatch):
