@@ -134,7 +134,7 @@ def response_frame(prompts: pa.Table, scores: pa.Table, responses: pa.Table) -> 
 
 
 # -- judged figures -----------------------------------------------------------------------------
-def _judged(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+def judged_by(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Pairwise accuracy, top-1 pick and chance per `by` (prompts compete within `by` + prompt)."""
     import numpy as np
 
@@ -163,6 +163,7 @@ def _judged(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         agg["pairwise_accuracy"] = np.where(agg["pairs"] > 0, agg["u"] / agg["pairs"], np.nan)
         agg["top1_right"] = np.where(comp > 0, agg["top1"] / comp, np.nan)
         agg["chance"] = np.where(comp > 0, agg["chance"] / comp, np.nan)
+    agg[["prompts_right", "competing", "pairs"]] = agg[["prompts_right", "competing", "pairs"]].astype("int64")
     return agg.drop(columns=["u", "top1"]).reset_index()
 
 
@@ -196,7 +197,7 @@ def judged_table(frame: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
 
     parts = []
     for by in (["domain"], ["domain", "source"]):
-        j = _judged(frame, by)
+        j = judged_by(frame, by)
         s = _selected(frame, decisions, by)
         t = j.merge(s, on=by, how="outer")
         if by == ["domain"]:
@@ -337,7 +338,7 @@ def load(folder: Path) -> dict | None:
 
 
 # -- presentation -------------------------------------------------------------------------------
-def _cell(v, kind: str = "") -> str:
+def cell(v, kind: str = "") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if kind == "pct":
@@ -358,9 +359,9 @@ def judged_rows(records: list[dict], sources: bool = True) -> tuple[list[str], l
             continue
         share = r["prompts_right"] / r["prompts"] if r["prompts"] else float("nan")
         rows.append([
-            r["domain"], r["source"], r["decided_by"], f"{_cell(share, 'pct')} of {r['prompts']}",
-            str(r["competing"]), _cell(r["pairwise_accuracy"], "2"), _cell(r["top1_right"], "pct"),
-            _cell(r["chance"], "pct"), f"{r['sft_right']} / {r['sft_rows']}",
+            r["domain"], r["source"], r["decided_by"], f"{cell(share, 'pct')} of {r['prompts']}",
+            str(r["competing"]), cell(r["pairwise_accuracy"], "2"), cell(r["top1_right"], "pct"),
+            cell(r["chance"], "pct"), f"{r['sft_right']} / {r['sft_rows']}",
             f"{r['dpo_chosen_right']} / {r['dpo_pairs']}", f"{r['dpo_rejected_right']} / {r['dpo_pairs']}",
         ])
     return header, rows
@@ -389,14 +390,14 @@ def markdown(audit: dict, level: int = 2, sources: bool = True) -> str:
     if sources and audit.get("rewards"):
         header = ["domain", "source", "n", "mean", "std", "min", "median", "max", "corr. with length (Pearson)",
                   "(Spearman)"]
-        rows = [[r["domain"], r["source"], str(r["n"]), *(_cell(r[k]) for k in ("mean", "std", "min", "median", "max")),
-                 _cell(r["length_pearson"], "2"), _cell(r["length_spearman"], "2")] for r in audit["rewards"]]
+        rows = [[r["domain"], r["source"], str(r["n"]), *(cell(r[k]) for k in ("mean", "std", "min", "median", "max")),
+                 cell(r["length_pearson"], "2"), cell(r["length_spearman"], "2")] for r in audit["rewards"]]
         parts += [f"{h}# Rewards per domain and source, and their correlation with length (completion tokens)",
                   _pipe(header, rows)]
     if sources and audit.get("dpo_length"):
         header = ["domain", "pairs", "chosen length", "rejected length", "chosen longer", "chosen shorter"]
         rows = [[r["domain"], str(r["pairs"]), f"{r['chosen_length']:.1f}", f"{r['rejected_length']:.1f}",
-                 _cell(r["chosen_longer"], "pct"), _cell(r["chosen_shorter"], "pct")] for r in audit["dpo_length"]]
+                 cell(r["chosen_longer"], "pct"), cell(r["chosen_shorter"], "pct")] for r in audit["dpo_length"]]
         parts += [f"{h}# DPO chosen against rejected length (completion tokens)", _pipe(header, rows)]
     return "\n\n".join(parts)
 

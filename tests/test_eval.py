@@ -270,6 +270,29 @@ def test_win_rate_and_accuracy_on_a_hand_made_table():
     assert res[("e", "all", "win_rate")] == pytest.approx(100 * 0.5 / 3) and res[("e", "d", "win_rate")] == 50.0
 
 
+def test_held_out_judgement_and_the_builds_audit_in_the_notes(tmp_path):
+    from fusechat import audit
+    from fusechat.eval.report import audit_notes, held_out_judgement
+
+    # item 1: right .9 and .2 against wrong .5 -> 1 of 2 pairs, top pick right; item 2: only right
+    # replies; item 3: a tie between right and wrong -> half a pair, top pick half right; unchecked
+    # and unscored replies take no part
+    gen = [_g("a", "1", 0.9, True), _g("b", "1", 0.2, True), _g("c", "1", 0.5, False),
+           _g("a", "2", 0.3, True), _g("b", "2", 0.1, True),
+           _g("a", "3", 0.4, True), _g("b", "3", 0.4, False), _g("c", "3", None, False), _g("d", "3", 0.9, None)]
+    held = held_out_judgement(gen).iloc[0]
+    assert (held["domain"], held["prompts"], held["prompts_right"], held["competing"], held["pairs"]) == ("c", 3, 3, 2, 3)
+    assert held["pairwise_accuracy"] == pytest.approx(1.5 / 3)
+    assert held["top1_right"] == pytest.approx((1 + 0.5) / 2)
+    assert held["chance"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    notes, warnings = audit_notes(tmp_path, gen)
+    assert "| c | 3 of 3 | 2 | 0.50 | 75% | 58% |" in notes and warnings == []
+    assert "training data" not in notes  # no build here
+    (tmp_path / audit.AUDIT_FILE).write_text(json.dumps({"judged": [], "warnings": ["w"]}))
+    notes, warnings = audit_notes(tmp_path, gen)
+    assert warnings == ["w"] and "WARNING: w." in notes and "training data (build)" in notes
+
+
 def test_export_layouts(tmp_path):
     from fusechat.eval.export import alpacaeval_rows, arena_hard_rows, write_alpacaeval, write_arena_hard
 
@@ -375,7 +398,10 @@ def test_stage_end_to_end(evaluated):
 
     table = (out / "table.md").read_text()
     assert "| model | " + " | ".join(cols) + " | average | win rate vs base |" in table
-    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == MODELS
+    results_table = table.split("\n\n")[1]  # the title, the results table, then the notes
+    assert [line.split("|")[1].strip() for line in results_table.splitlines() if line.startswith("| ")][1:] == MODELS
+    # the reward model judged on the held-out replies, recomputed here from the generations
+    assert "## Reward model on the held-out replies" in table
     png = (out / "gains.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     for m in MODELS:

@@ -102,13 +102,62 @@ def table_rows(results: list[dict], models: list[str], columns: list[str]) -> tu
     return header, rows
 
 
-def markdown(header: list[str], rows: list[list[str]], title: str) -> str:
+def markdown(header: list[str], rows: list[list[str]], title: str, notes: str = "") -> str:
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "Accuracy in percent per column (unanswered prompts count as wrong); average = plain mean of "
               "the columns; win rate = percent of prompts where the reward model scores the model's response "
               "above the base target's (ties count half)."]
+    if notes:
+        lines += ["", notes]
     return "\n".join(lines) + "\n"
+
+
+def held_out_judgement(generations: list[dict]):
+    """The reward model judged on the evaluated models' replies, per results column: where the
+    set's check gives a verdict, replies of different models to one item compete (right vs wrong
+    pairs, top-1 pick against chance), as in the build's audit (`fusechat.audit`)."""
+    import pandas as pd
+
+    from fusechat import audit
+
+    rows = [g for g in generations if g["correct"] is not None and g["reward"] is not None]
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame({
+        "domain": [g["column"] or g["set"] for g in rows],
+        "prompt_id": [f"{g['set']}\0{g['prompt_id']}" for g in rows],
+        "truth": [float(bool(g["correct"])) for g in rows],
+        "reward": [float(g["reward"]) for g in rows],
+    })
+    return audit.judged_by(frame, ["domain"])
+
+
+def audit_notes(datasets: Path, generations: list[dict]) -> tuple[str, list[str]]:
+    """table.md's reward-model section and its warnings: the build's audit of the training data
+    (`datasets/audit.json`, when the run built its data here) and the reward model on the held-out
+    replies, which the win rates above rest on."""
+    from fusechat import audit
+
+    parts, warnings = [], []
+    built = audit.load(datasets)
+    if built is not None:
+        warnings = list(built.get("warnings") or [])
+        parts.append(audit.markdown(built, level=2, sources=False).replace(
+            "## Reward-model audit", "## Reward-model audit of the training data (build)", 1))
+    held = held_out_judgement(generations)
+    if len(held):
+        header = ["column", "items with a right reply", "competing items", "pairwise accuracy (right vs wrong)",
+                  "top-1 right", "chance"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in held.itertuples(index=False):
+            lines.append(f"| {r.domain} | {r.prompts_right} of {r.prompts} | {r.competing} | "
+                         f"{audit.cell(r.pairwise_accuracy, '2')} | {audit.cell(r.top1_right, 'pct')} | "
+                         f"{audit.cell(r.chance, 'pct')} |")
+        parts += ["## Reward model on the held-out replies",
+                  "The evaluated models' replies to one item compete where the set's check gives a verdict.",
+                  "\n".join(lines)]
+    return "\n\n".join(parts), warnings
 
 
 def rich_table(header: list[str], rows: list[list[str]], title: str):

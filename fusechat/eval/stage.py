@@ -270,7 +270,8 @@ def run_eval(recipe: Recipe) -> Manifest:
     write_table(EVAL_RESULTS.from_rows(results), out_dir / "results.parquet", EVAL_RESULTS)
     header, table = report.table_rows(results, names, columns)
     title = f"fusechat eval: {recipe.name}"
-    (out_dir / "table.md").write_text(report.markdown(header, table, title))
+    notes, audit_warnings = report.audit_notes(recipe.run_path() / "datasets", rows)
+    (out_dir / "table.md").write_text(report.markdown(header, table, title, notes))
     report.plot(results, names, columns, out_dir / "gains.png")
     exports = write_exports(out_dir, rows, items, revisions)
 
@@ -291,6 +292,8 @@ def run_eval(recipe: Recipe) -> Manifest:
     man.check_balance()
     man.save(out_dir)
     Console().print(report.rich_table(header, table, title))
+    for w in audit_warnings:
+        Console(stderr=True).print(f"[bold red]WARNING: {w}")
     if failures:
         raise EvalError("evaluation incomplete; what exists is written and a rerun computes only the rest:\n"
                         + "\n".join(f"- {k}: {v}" for k, v in failures.items()))
