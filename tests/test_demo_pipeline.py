@@ -101,3 +101,65 @@ def test_trained_target_beats_its_base_on_held_out_prompts(demo_run):
     results = pq.read_table(run / "eval" / "results.parquet").to_pylist()
     win = {r["model"]: r["value"] for r in results if r["metric"] == "win_rate" and r["domain"] == "all"}
     assert win["target-dpo"] > 50
+
+
+@pytest.mark.slow
+def test_the_reward_model_audit_matches_a_count_on_the_runs_own_tables(demo_run):
+    """The build's audit, recounted here pair by pair from the run's tables and the world's rules."""
+    import itertools
+
+    import pyarrow.parquet as pq
+
+    run, _ = demo_run
+    prompts = {p["prompt_id"]: p for p in pq.read_table(run / "prompts" / "prompts.parquet").to_pylist()}
+    texts = dict(zip(*pq.read_table(run / "responses" / "responses.parquet", columns=["response_id", "text"])
+                     .to_pydict().values()))
+    right = {"math": {"correct": True, "incorrect": False, "unparseable": False},
+             "code": {"pass": True, "fail": False, "timeout": False}}
+    truth, by_prompt = {}, {}
+    for s in pq.read_table(run / "scores" / "scores.parquet").to_pylist():
+        dom = s["domain"]
+        if dom in right:
+            t = right[dom].get(s["check_status"])
+        else:
+            t = world.evaluate_response(dom, prompts[s["prompt_id"]], texts[s["response_id"]])
+        truth[s["response_id"]] = t
+        if t is not None and s["reward"] is not None:
+            by_prompt.setdefault((dom, s["prompt_id"]), []).append((s["reward"], t))
+    audit = json.loads((run / "datasets" / "audit.json").read_text())
+    rows = {r["domain"]: r for r in audit["judged"] if r["source"] == "all"}
+    assert set(rows) == set(world.DOMAINS)
+    decisions = pq.read_table(run / "datasets" / "decisions.parquet").to_pylist()
+    for dom in world.DOMAINS:
+        wins = pairs = top = chance = competing = 0
+        for (d, _), rs in by_prompt.items():
+            if d != dom:
+                continue
+            good, bad = [r for r, t in rs if t], [r for r, t in rs if not t]
+            for g, b in itertools.product(good, bad):
+                wins += 1.0 if g > b else 0.5 if g == b else 0.0
+            pairs += len(good) * len(bad)
+            if good and bad:
+                competing += 1
+                best = max(r for r, _ in rs)
+                tied = [t for r, t in rs if r == best]
+                top += sum(tied) / len(tied)
+                chance += len(good) / len(rs)
+        got = rows[dom]
+        assert (got["pairs"], got["competing"]) == (pairs, competing), dom
+        if pairs:
+            assert got["pairwise_accuracy"] == pytest.approx(wins / pairs), dom
+            assert got["top1_right"] == pytest.approx(top / competing), dom
+            assert got["chance"] == pytest.approx(chance / competing), dom
+        sft = [d for d in decisions if d["domain"] == dom and d["assigned"] == "sft"]
+        dpo = [d for d in decisions if d["domain"] == dom and d["assigned"] == "dpo"]
+        assert got["sft_rows"] == len(sft) and got["dpo_pairs"] == len(dpo), dom
+        assert got["sft_right"] == sum(bool(truth[d["chosen_response_id"]]) for d in sft), dom
+        assert got["dpo_chosen_right"] == sum(bool(truth[d["chosen_response_id"]]) for d in dpo), dom
+        assert got["dpo_rejected_right"] == sum(bool(truth[d["rejected_response_id"]]) for d in dpo), dom
+    # the audit's section in the build report, the cards and the eval table; its plot beside them
+    assert "## Reward-model audit" in (run / "datasets" / "report.md").read_text()
+    assert "## Reward-model audit" in (run / "datasets" / "hub" / "sft" / "README.md").read_text()
+    assert (run / "datasets" / "plots" / "reward_audit.png").is_file()
+    table = (run / "eval" / "table.md").read_text()
+    assert "Reward-model audit of the training data" in table and "held-out replies" in table
