@@ -5,13 +5,14 @@ run started here and one started from the command line share shards: either resu
 
 Task runners:
 - deployment `local`: one task at a time, so two source models never share one accelerator.
-- deployment `dask`: a Dask cluster (DaskTaskRunner). `FUSECHAT_DASK_ADDRESS=tcp://host:8786`
-  names an existing cluster (`dask-scheduler` on one node, `dask-worker --nthreads 1` on each GPU
-  node); without it a LocalCluster of `FUSECHAT_DASK_WORKERS` (default 2) processes starts. Each
-  Dask worker runs one task at a time, each task one model, so the shards of a source spread over
-  `tasks_per_source` machines. The run directory must be on a file system all nodes share.
+- deployment `ray`: a Ray cluster (prefect-ray's RayTaskRunner). `FUSECHAT_RAY_ADDRESS=host:6379`
+  names an existing cluster (`ray start --head` on one node, `ray start --address` on the others);
+  without it a Ray instance on this machine starts. Each task asks Ray for its source's
+  `tensor_parallel_size` GPUs and one CPU, so Ray runs it where they are free and the shards of a
+  source spread over `tasks_per_source` GPU groups. The run directory must be on a file system
+  all nodes share (docs/cluster.md).
 
-Usage: `python -m flows.sample_sources run RECIPE [--dask-workers N] [--tasks-per-source K]`
+Usage: `python -m flows.sample_sources run RECIPE [--ray-address HOST:PORT] [--tasks-per-source K]`
 (a one-off run) or `python -m flows.serve` (serve the deployments for `prefect deployment run`).
 """
 
@@ -20,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any
 
@@ -70,12 +73,9 @@ def sample_shards(recipe: str, run_dir: str | None, source: str, shard_ids: list
     if out.status != "done":
         raise SamplingError(out.message)
     result = asdict(out)
-    try:  # which Dask worker ran it (absent under the local runner)
-        from distributed import get_worker
-
-        result["dask_worker"] = get_worker().address
-    except (ImportError, ValueError):
-        result["dask_worker"] = None
+    result["ray_worker"] = None
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # which Ray worker ran it
+        result["ray_worker"] = f"{sys.modules['ray'].get_runtime_context().get_node_id()[:8]}/{os.getpid()}"
     return result
 
 
@@ -94,13 +94,24 @@ def merge_responses(recipe: str, run_dir: str | None, started_at: float) -> dict
 def sample_sources(recipe: str, run_dir: str | None = None, tasks_per_source: int = 1) -> dict[str, Any]:
     """Sample every source of `recipe` (a recipe file path) into `<run_dir>/responses/`."""
     started_at = time.time()
+    r = _recipe(recipe, run_dir)
+    placed = lambda source: nullcontext()  # noqa: E731
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # under RayTaskRunner
+        from prefect_ray.context import remote_options
+
+        from fusechat.cluster import check_sources, gpus_of
+
+        check_sources(r)
+        gpus = {s.name: gpus_of(s) for s in r.sources}
+        placed = lambda source: remote_options(num_gpus=gpus[source], num_cpus=1)  # noqa: E731
     todo = plan_shards(recipe, run_dir)
     futures = []
     for source, shard_ids in todo.items():
         for k in range(tasks_per_source):
             part = shard_ids[k::tasks_per_source]
             if part:
-                futures.append(sample_shards.submit(recipe, run_dir, source, part, f"{k + 1}/{tasks_per_source}"))
+                with placed(source):  # each task asks Ray for its source's GPUs
+                    futures.append(sample_shards.submit(recipe, run_dir, source, part, f"{k + 1}/{tasks_per_source}"))
     states = [f.wait() or f.state for f in futures]
     results = [f.result(raise_on_failure=False) for f in futures]
     summary = merge_responses(recipe, run_dir, started_at)  # written even when a source failed: nothing is lost
@@ -112,22 +123,23 @@ def sample_sources(recipe: str, run_dir: str | None = None, tasks_per_source: in
     return summary
 
 
-def dask_runner():
-    from prefect_dask import DaskTaskRunner
+def ray_runner():
+    """RayTaskRunner on `FUSECHAT_RAY_ADDRESS` (checked to answer now: `ray.init` would retry for a
+    minute), or on a Ray instance of this machine."""
+    from prefect_ray import RayTaskRunner
 
-    address = os.environ.get("FUSECHAT_DASK_ADDRESS")
+    from fusechat.cluster import check_answers
+
+    address = os.environ.get("FUSECHAT_RAY_ADDRESS")
     if address:
-        return DaskTaskRunner(address=address)
-    workers = int(os.environ.get("FUSECHAT_DASK_WORKERS", "2"))
-    # one thread per worker process: one model per worker at a time
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+        check_answers(address)
+    return RayTaskRunner(address=address, init_kwargs={"log_to_driver": False})
 
 
 def deployments() -> list:
     return [
         sample_sources.to_deployment(name="local"),
-        sample_sources.with_options(task_runner=dask_runner()).to_deployment(name="dask"),
+        sample_sources.with_options(task_runner=ray_runner()).to_deployment(name="ray"),
     ]
 
 
@@ -137,18 +149,19 @@ def main() -> None:
     parser.add_argument("recipe")
     parser.add_argument("--run-dir")
     parser.add_argument("--tasks-per-source", type=int, default=1)
-    parser.add_argument("--dask-workers", type=int, help="run on a local Dask cluster of N processes")
-    parser.add_argument("--dask-address", help="run on an existing Dask cluster")
+    parser.add_argument("--ray-address", help="run on this Ray cluster (head host:port)")
     args = parser.parse_args()
     fl = sample_sources
-    if args.dask_address or args.dask_workers:
-        if args.dask_address:
-            os.environ["FUSECHAT_DASK_ADDRESS"] = args.dask_address
-        else:
-            os.environ["FUSECHAT_DASK_WORKERS"] = str(args.dask_workers)
-        fl = sample_sources.with_options(task_runner=dask_runner())
+    if args.ray_address:
+        from fusechat.errors import FusechatError
+
+        os.environ["FUSECHAT_RAY_ADDRESS"] = args.ray_address
+        try:
+            fl = sample_sources.with_options(task_runner=ray_runner())
+        except FusechatError as e:
+            raise SystemExit(f"error: {e}") from None
     print(json.dumps(fl(args.recipe, args.run_dir, args.tasks_per_source), default=str))
 
 
-if __name__ == "__main__":  # Dask and vLLM spawn processes that re-import the main module
+if __name__ == "__main__":  # vLLM spawns processes that re-import the main module
     main()

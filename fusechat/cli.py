@@ -101,8 +101,22 @@ def _publish_command(stage: str):
     return command
 
 
+def _cluster_command(stage: str):
+    def command(
+        recipe: RecipeArg,
+        run_dir: RunDirOpt = None,
+        ray_address: Annotated[
+            Optional[str], typer.Option(help="run on this Ray cluster (head host:port, or auto); default: this machine")
+        ] = None,
+        tasks_per_source: Annotated[int, typer.Option(help="with --ray-address: Ray tasks per source")] = 1,
+    ) -> None:
+        _run_stage(stage, recipe, run_dir, ray_address=ray_address, tasks_per_source=tasks_per_source)
+
+    return command
+
+
 # one command per stage, in pipeline order; the stages with options of their own get their own form
-_FORMS = {"sft": _train_command, "dpo": _train_command, "publish": _publish_command}
+_FORMS = {"sft": _train_command, "dpo": _train_command, "publish": _publish_command, "sample": _cluster_command}
 for _stage in STAGES.values():
     _command = _FORMS.get(_stage.name, _plain_command)(_stage.name)
     _command.__doc__ = _stage.doc

@@ -123,7 +123,7 @@ class RewardModel(_Strict):
         "sequence_classification: any transformers reward model with one output")
     max_length: int = Field(4096, ge=8, description="most tokens of one scored conversation (prompt + response)")
     batch_tokens: int | None = Field(
-        None, ge=1, description="token budget of one scoring batch; none: 16384 on GPUs, 2048 on CPU"
+        None, ge=1, description="token budget of one scoring batch; none: 32768 on GPUs, 2048 on CPU"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; auto = bfloat16 on CUDA devices, float32 on CPU")

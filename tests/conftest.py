@@ -3,6 +3,7 @@
 - `tiny_models`: the four tiny source-family models (llama3, qwen2, gemma2, mistral), built offline.
 - `tiny_armorm`: a tiny reward model in ArmoRM's exact checkpoint layout.
 - `prefect_server`: a real local Prefect server (SQLite, loopback) for flow and deployment tests.
+- `ray_cluster`: a real local Ray cluster (a head on loopback, 2 CPUs, 2 GPU slots); yields its address.
 """
 
 from __future__ import annotations
@@ -68,3 +69,44 @@ def prefect_server(tmp_path_factory):
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with running(cmd, f"http://127.0.0.1:{port}/api/health", home / "server.log", env=env, timeout_s=120):
         yield env
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """`ray start --head` on loopback with 2 CPUs and 2 logical GPUs (Ray places tasks by these
+    numbers; no device is touched on a CPU machine). Stopped by killing its own process group."""
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    from servers import free_port
+
+    folder = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address",
+           "127.0.0.1", "--port", str(port), "--num-cpus", "2", "--num-gpus", "2", "--include-dashboard=false",
+           "--disable-usage-stats", "--temp-dir", str(folder / "tmp")]
+    log = open(folder / "head.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("ray head did not start:\n" + (folder / "head.log").read_text()[-3000:])
+                time.sleep(0.3)
+        yield f"127.0.0.1:{port}"
+    finally:
+        try:
+            import ray
+
+            ray.shutdown()  # this process, if a test joined the cluster from here
+        except ImportError:
+            pass
+        os.killpg(proc.pid, signal.SIGKILL)  # head, raylet and the Ray workers: one process group
+        proc.wait()
+        log.close()

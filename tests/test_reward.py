@@ -111,6 +111,83 @@ def test_shared_prompts_equal_one_pass_per_conversation(tiny_armorm):
         assert abs(a.score - b.score) <= 1e-5
 
 
+def test_trees_larger_than_the_budget_split_and_keep_the_formula(tiny_armorm):
+    """A prompt whose replies exceed the token budget runs in chunks, each with the prompt again:
+    still one pass per conversation's scores, and no batch over the budget unless one tree is."""
+    prompt = CONVERSATIONS[4][:3]
+    replies = ["Four. " * n for n in (1, 3, 9, 14, 2, 6)]
+    convs = [prompt + [{"role": "assistant", "content": r}] for r in replies] + [CONVERSATIONS[1]]
+    scorer = RewardScorer(str(tiny_armorm), dtype="float32", device="cpu", batch_tokens=200)
+    ran = []
+    hook = scorer.model.model.register_forward_pre_hook(
+        lambda m, a, kw: ran.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    got = scorer.score(convs)
+    hook.remove()
+    for o, (score, rewards) in zip(got, reference_scores(tiny_armorm, convs)):
+        assert abs(o.score - score) <= 1e-5
+        assert max(abs(a - b) for a, b in zip(o.objectives, rewards)) <= 1e-5
+    encoded = scorer.encode_many(convs)
+    cut = find_gating_position(encoded[0], scorer.pattern) + len(scorer.pattern)
+    tree = cut + sum(len(ids) - cut for ids in encoded[:-1])
+    assert tree > 200 and len(ran) > 1 and max(ran) <= 200  # split, and every batch within the budget
+    assert tree < sum(ran) < tree + len(encoded[-1]) + (len(ran) - 1) * cut + 1
+
+
+def test_attention_layouts_keep_the_formula(tiny_armorm, monkeypatch):
+    """Both GPU layouts give the formula's scores: SDPA over length buckets padded together (as on
+    CUDA), and the varlen kernel's (conversations concatenated without padding, cumulative lengths,
+    each packed token's slot). Flash varlen runs on CUDA only: here SDPA per conversation stands in
+    for the kernel, so the layout itself is what is tested."""
+    import torch.nn.functional as F
+
+    from fusechat.scoring import armorm
+
+    def per_conversation(q, k, v, cu, longest, scaling, groups):
+        bounds = cu.tolist()
+        assert longest == max(b - a for a, b in zip(bounds, bounds[1:]))
+        out = [F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1).repeat_interleave(groups, 0),
+            v[a:b].transpose(0, 1).repeat_interleave(groups, 0), is_causal=True, scale=scaling).transpose(0, 1)
+            for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(out)
+
+    monkeypatch.setattr(armorm, "_varlen", per_conversation)
+    prompts = [CONVERSATIONS[0][:1], CONVERSATIONS[4][:3]]
+    convs = [p + [{"role": "assistant", "content": r}] for p in prompts for r in ("4", "Four. " * 7, "It is 4.")]
+    convs += [CONVERSATIONS[3]]
+    reference = reference_scores(tiny_armorm, convs)
+    padded = RewardScorer(str(tiny_armorm), dtype="float32", device="cpu", batch_tokens=250)
+    padded.bucket_waste = 0.6
+    varlen = RewardScorer(str(tiny_armorm), dtype="float32", device="cpu", batch_tokens=250)
+    varlen.attention = "varlen"
+    for scorer in (padded, varlen):
+        for o, (score, rewards) in zip(scorer.score(convs), reference):
+            assert abs(o.score - score) <= 1e-5
+            assert max(abs(a - b) for a, b in zip(o.objectives, rewards)) <= 1e-5
+    from fusechat.scoring.armorm import PackedBatch
+
+    trees = [(list(range(5)), 2, [[7] * 9, [8] * 3, [9] * 8])]
+    assert [g.shape for g in PackedBatch.build(trees, "sdpa", 0.0).gather] == [(1, 14), (1, 13), (1, 8)]
+    assert [g.shape for g in PackedBatch.build(trees, "sdpa", 0.25).gather] == [(2, 14), (1, 8)]
+    with pytest.raises(ValueError, match="varlen attention does not work here: flash attention needs CUDA"):
+        RewardScorer(str(tiny_armorm), dtype="float32", device="cpu", attention="varlen")
+    assert RewardScorer(str(tiny_armorm), dtype="float32", device="cpu").attention == "sdpa"  # auto on CPU
+
+
+def test_pack_batches_and_split_tree_respect_the_budget():
+    from fusechat.scoring.reward import pack_batches, split_tree
+
+    sizes = [70, 10, 40, 30, 200, 60, 5]
+    batches = pack_batches(sizes, 100)
+    assert sorted(i for b in batches for i in b) == list(range(len(sizes)))
+    assert batches[0] == [4] and all(sum(sizes[i] for i in b) <= 100 for b in batches[1:])
+    assert len(batches) == 4  # first fit: 70+30, 60+40, 10+5 together
+    chunks = split_tree(20, [50, 10, 30, 40], 100)
+    assert sorted(i for c in chunks for i in c) == [0, 1, 2, 3]
+    assert all(20 + sum([50, 10, 30, 40][i] for i in c) <= 100 for c in chunks)
+    assert split_tree(20, [50, 10], 100) == [[0, 1]]  # one chunk when the whole tree fits
+
+
 def test_identical_conversations_run_once(tiny_armorm):
     """A repeated answer costs no second pass, and every copy gets the formula's score."""
     convs = [CONVERSATIONS[0], CONVERSATIONS[1], CONVERSATIONS[0], CONVERSATIONS[3], CONVERSATIONS[1], CONVERSATIONS[0]]
@@ -211,3 +288,4 @@ def test_sequence_classification_reward_model(tmp_path):
         with torch.no_grad():
             expected = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
         assert abs(out.score - expected) <= 1e-5 and out.objectives is None
+

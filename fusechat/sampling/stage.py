@@ -2,8 +2,9 @@
 `sample-sources` flow both come here.
 
 Sources run one after another, each in a worker process of its own (`fusechat.sampling.worker`),
-so each model gets the accelerator's whole memory. A worker that dies mid-shard (engine crash,
-out of memory, kill) is started again for the shards still missing, up to `retries` times; a model
+so each model gets the accelerator's whole memory (with a Ray address, the same worker processes run
+as Ray tasks wherever a source's GPUs are free, sources side by side: fusechat.cluster). A worker
+that dies mid-shard (engine crash, out of memory, kill) is started again for the shards still missing, up to `retries` times; a model
 that fails to load is not retried. Either way the other sources go on, every finished shard stays
 on disk, the table and manifest are written from what exists, and the stage then raises
 `SamplingError` naming what is missing, so a rerun computes only that. A shard file that cannot be
@@ -86,8 +87,10 @@ def sample_source(
     revision: str,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     retries: int = 2,
+    launch: Callable[[Path, Path, Callable[[dict[str, Any]], None]], int] | None = None,
 ) -> SourceOutcome:
-    """Compute the missing ones among `shards` of source `name` in worker processes."""
+    """Compute the missing ones among `shards` of source `name` in worker processes, started
+    here or, with `launch` (fusechat.cluster), as Ray tasks on the node Ray picks."""
     index, source = _source(recipe, name)
     out = SourceOutcome(name, revision)
     logs = stage_dir(recipe, "responses") / "logs"
@@ -114,7 +117,7 @@ def sample_source(
             if on_event is not None:
                 on_event({"source": name, **event})
 
-        code = _run_worker(job, log, handle)
+        code = (launch or _run_worker)(job, log, handle)
         job.unlink(missing_ok=True)
         if code == 0:
             continue
@@ -227,8 +230,9 @@ def merge(
     return man
 
 
-def run_sample(recipe: Recipe, retries: int = 2) -> Manifest:
-    """Prompts first (`fusechat prompts`: reused when unchanged), then every source's missing shards."""
+def run_sample(recipe: Recipe, retries: int = 2, ray_address: str | None = None, tasks_per_source: int = 1) -> Manifest:
+    """Prompts first (`fusechat prompts`: reused when unchanged), then every source's missing shards;
+    with `ray_address`, on that Ray cluster, each source's shards spread over `tasks_per_source` tasks."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -236,6 +240,11 @@ def run_sample(recipe: Recipe, retries: int = 2) -> Manifest:
 
     started_at = time.time()
     console = Console(stderr=True)
+    launchers = None
+    if ray_address:  # checked before anything starts: a source no node can hold fails here
+        from fusechat.cluster import source_launchers
+
+        launchers = source_launchers(recipe, ray_address, tasks_per_source)
     build_prompts(recipe)
     revisions, shards = plan(recipe)
     outcomes: dict[str, SourceOutcome] = {}
@@ -265,8 +274,17 @@ def run_sample(recipe: Recipe, retries: int = 2) -> Manifest:
                 progress.update(task, advance=ev["prompts"], rate=f"{stats[0] / max(stats[2], 1e-9):.2f} prompts/s "
                                 f"{stats[1] / max(stats[2], 1e-9):.0f} tok/s")
 
-        for name, source_shards in shards.items():
-            outcomes[name] = sample_source(recipe, name, source_shards, revisions[name], on_event, retries)
+        if launchers is None:
+            for name, source_shards in shards.items():
+                outcomes[name] = sample_source(recipe, name, source_shards, revisions[name], on_event, retries)
+        else:  # on a cluster the sources run side by side, each wherever Ray finds its GPUs
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max(len(shards), 1)) as pool:
+                running = {name: pool.submit(sample_source, recipe, name, source_shards, revisions[name],
+                                             on_event, retries, launchers[name])
+                           for name, source_shards in shards.items()}
+            outcomes.update({name: f.result() for name, f in running.items()})
     manifest = merge(recipe, revisions, shards, outcomes, started_at)
     console.print(summary_table(manifest, outcomes))
     failed = [o for o in outcomes.values() if o.status != "done"]

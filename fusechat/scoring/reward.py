@@ -1,15 +1,17 @@
-"""Reward scoring: ArmoRM or any `AutoModelForSequenceClassification`, one batching path.
+"""Reward scoring: ArmoRM or any `AutoModelForSequenceClassification`.
 
 Input: the reward model's own chat template applied once to the conversation (prompt turns plus
 the assistant reply), no generation prompt, tokenized without adding special tokens again (exactly
-one BOS). Batches are formed over length-sorted inputs under a token budget (`batch_tokens`
-counts padded tokens), right-padded with an attention mask. ArmoRM replies that follow the same
-prompt tokens (the samples of one prompt, 20-32 per prompt in the recipe) share one pass over the
-prompt: its key/value cache is computed once and each reply continues from it, which gives the
-scores of one pass per conversation with the prompt's arithmetic done once. Identical token
-sequences run once. dtype "auto": bfloat16 on CUDA, float32 on CPU. Inputs longer than the model's
-context are truncated (the head of the conversation plus the final end-of-turn token, where the
-reward is read) or skipped, per option.
+one BOS). ArmoRM batches are packed, without padding: replies that follow the same prompt tokens
+(the samples of one prompt, 20-32 per prompt in the recipe) form one tree, the prompt's tokens
+once and then each reply's, and trees are packed under a token budget (`batch_tokens` counts the
+tokens computed). Every layer but attention runs once per distinct token; attention runs over
+each conversation's own sequence (`fusechat.scoring.armorm.packed_attention`), which gives the
+scores of one pass per conversation with the prompt's arithmetic done once. Other models take
+length-sorted, right-padded batches (`batch_tokens` counts padded tokens). Identical token
+sequences run once. dtype "auto": bfloat16 on CUDA, float32 on CPU. Inputs longer than the
+model's context are truncated (the head of the conversation plus the final end-of-turn token,
+where the reward is read) or skipped, per option.
 """
 
 from __future__ import annotations
@@ -61,6 +63,39 @@ def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+def pack_batches(sizes: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped so that each group's sizes sum to <= batch_tokens (a larger one goes alone):
+    first fit, largest first, so a batch that does not fit in memory fails at the start."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    batches: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if sizes[i] <= free:
+                batches[b].append(i)
+                room[b] -= sizes[i]
+                break
+        else:
+            batches.append([i])
+            room.append(batch_tokens - sizes[i])
+    return batches
+
+
+def split_tree(prompt_len: int, reply_lens: list[int], batch_tokens: int) -> list[list[int]]:
+    """Replies (indices) of one prompt in chunks of prompt + replies <= batch_tokens, each chunk
+    computing the prompt again; one chunk whenever the whole tree fits."""
+    chunks: list[list[int]] = []
+    size = 0
+    for i in sorted(range(len(reply_lens)), key=lambda i: -reply_lens[i]):
+        if chunks and size + reply_lens[i] <= batch_tokens:
+            chunks[-1].append(i)
+            size += reply_lens[i]
+        else:
+            chunks.append([i])
+            size = prompt_len + reply_lens[i]
+    return chunks
+
+
 class RewardScorer:
     def __init__(
         self,
@@ -72,25 +107,37 @@ class RewardScorer:
         batch_tokens: int | None = None,
         overlong: Literal["truncate", "skip"] = "truncate",
         share_prompts: bool = True,
+        attention: str = "auto",
+        model=None,
     ):
+        """`attention` (ArmoRM): "sdpa", "varlen" (flash attention over the concatenated batch, CUDA)
+        or "auto" (varlen where it works here). `model`: an ArmoRM already in memory, used instead
+        of loading one; `model_path` then supplies the tokenizer only."""
         import torch
         from transformers import AutoTokenizer
 
         if overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
         self.device = device or default_device()
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device) if model is None else next(model.parameters()).dtype
         self.kind, self.overlong = kind, overlong
         # On CPU, batches beyond a few thousand tokens run slower per token: their activations
-        # (tokens x intermediate size) no longer fit in the caches. GPUs want large batches.
-        self.batch_tokens = batch_tokens or (2048 if self.device == "cpu" else 16384)
-        self.share_prompts = share_prompts and kind == "armorm"
+        # (tokens x intermediate size) no longer fit in the caches. On a GPU: room for a whole
+        # recipe-shaped tree (20 replies of ~800 tokens after a shared prompt, ~16k tokens) twice,
+        # so that a prompt is computed once; the matrix products are large enough well before.
+        self.batch_tokens = batch_tokens or (2048 if self.device == "cpu" else 32768)
+        self.share_prompts = share_prompts
         self.tokenizer = tok = AutoTokenizer.from_pretrained(model_path)
         if kind == "armorm":
-            from fusechat.scoring.armorm import gating_pattern_ids, load_armorm
+            from fusechat.scoring.armorm import choose_kernel, gating_pattern_ids, load_armorm
 
-            self.model = load_armorm(model_path, dtype=self.dtype, device=self.device)
+            self.model = model if model is not None else load_armorm(model_path, dtype=self.dtype, device=self.device)
             self.pattern = gating_pattern_ids(tok)
+            self.attention = choose_kernel(attention, self.device, self.dtype)
+            # SDPA pads the conversations of a length bucket to its longest. On CPU one call per
+            # length costs nothing next to the arithmetic, and padding would add to it; on a GPU
+            # each call is a launch per layer, so lengths within 25% share one.
+            self.bucket_waste = 0.25 if str(self.device).startswith("cuda") else 0.0
         elif kind == "sequence_classification":
             from transformers import AutoModelForSequenceClassification
 
@@ -161,43 +208,45 @@ class RewardScorer:
         objectives = objectives.float().cpu().tolist() if objectives is not None else [None] * len(batch)
         return score, objectives
 
-    def _shared(self, groups: list[tuple[list[int], int, list[tuple[int, list[int]]]]]):
-        """(keys, scores, objectives) per batch of replies; a group = (prompt ids, gating position,
-        [(key, reply ids)]). Prompts are batched under the token budget, then their replies, each
-        reply batch counting its prompts' padded width too (their cache is part of its attention)."""
-        torch, model = self._torch, self.model
-        for prompt_batch in token_batches([len(g[0]) for g in groups], self.batch_tokens):
-            chosen = [groups[k] for k in prompt_batch]
-            ids, mask = self._pad([prompt for prompt, _, _ in chosen])
-            hidden, cache = model.encode_prompts(ids, mask)
-            at = torch.tensor([g for _, g, _ in chosen], device=self.device)
-            gating_hidden = hidden[torch.arange(len(chosen), device=self.device), at]
-            del hidden
-            replies = [(row, key, reply) for row, (_, _, members) in enumerate(chosen) for key, reply in members]
-            for batch in token_batches([ids.shape[1] + len(r) for _, _, r in replies], self.batch_tokens):
-                rows = torch.tensor([replies[b][0] for b in batch], device=self.device)
-                reply_ids, reply_mask = self._pad([replies[b][2] for b in batch])
-                h = model.continue_prompts(cache, mask, rows, reply_ids, reply_mask)
-                last = h[torch.arange(len(batch), device=self.device), reply_mask.sum(dim=-1) - 1]
-                score, objectives = model.heads(last, gating_hidden[rows])
-                yield [replies[b][1] for b in batch], score.float().cpu().tolist(), objectives.float().cpu().tolist()
+    def _trees(self, ready: list[tuple[list[int], int, bool]]):
+        """[(prompt ids, gating position, [(ready index, reply ids)])]: replies of the same prompt
+        tokens share a tree when prompts are shared, else every conversation is its own."""
+        by_prompt: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for j, (ids, gpos, _) in enumerate(ready):
+            # the prompt ends with the gating pattern; the reply keeps at least the token the
+            # reward is read at
+            cut = min(gpos + len(self.pattern), len(ids) - 1)
+            by_prompt[tuple(ids[:cut]) if self.share_prompts else (j,)].append(j)
+        trees = []
+        for js in by_prompt.values():
+            ids, gpos, _ = ready[js[0]]
+            cut = min(gpos + len(self.pattern), len(ids) - 1)
+            trees.append((ids[:cut], gpos, [(j, ready[j][0][cut:]) for j in js]))
+        return trees
+
+    def _packed(self, ready: list[tuple[list[int], int, bool]]):
+        """(indices into ready, scores, objectives) per packed batch, the scores on the device
+        (read back once, after the last batch: no wait for the device between batches)."""
+        from fusechat.scoring.armorm import PackedBatch
+
+        chunks = []  # (prompt, gpos, [(ready index, reply)]) within the budget
+        for prompt, gpos, members in self._trees(ready):
+            for part in split_tree(len(prompt), [len(r) for _, r in members], self.batch_tokens):
+                chunks.append((prompt, gpos, [members[i] for i in part]))
+        sizes = [len(p) + sum(len(r) for _, r in m) for p, _, m in chunks]
+        for batch in pack_batches(sizes, self.batch_tokens):
+            trees = [(chunks[c][0], chunks[c][1], [r for _, r in chunks[c][2]]) for c in batch]
+            packed = PackedBatch.build(trees, self.attention, self.bucket_waste).to(self.device)
+            score, objectives = self.model.forward_packed(packed)
+            yield [j for c in batch for j, _ in chunks[c][2]], score, objectives
 
     def _batches(self, ready: list[tuple[list[int], int, bool]]):
         """(indices into ready, scores, objectives) per forward pass."""
-        plain, groups = list(range(len(ready))), []
-        if self.share_prompts:
-            by_prompt: dict[tuple[int, ...], list[int]] = defaultdict(list)
-            for j, (ids, gpos, _) in enumerate(ready):
-                # the prompt ends with the gating pattern; the reply keeps at least the token the
-                # reward is read at
-                by_prompt[tuple(ids[: min(gpos + len(self.pattern), len(ids) - 1)])].append(j)
-            plain = [js[0] for js in by_prompt.values() if len(js) == 1]
-            groups = [(list(prompt), ready[js[0]][1], [(j, ready[j][0][len(prompt):]) for j in js])
-                      for prompt, js in by_prompt.items() if len(js) > 1]
-        yield from self._shared(groups)
-        for batch in token_batches([len(ready[j][0]) for j in plain], self.batch_tokens):
-            js = [plain[b] for b in batch]
-            yield js, *self._forward([ready[j] for j in js])
+        if self.kind == "armorm":
+            yield from self._packed(ready)
+            return
+        for batch in token_batches([len(ids) for ids, _, _ in ready], self.batch_tokens):
+            yield batch, *self._forward([ready[j] for j in batch])
 
     def _classify(self, input_ids, mask):
         m = self.model
@@ -236,16 +285,36 @@ class RewardScorer:
         # Not cuDNN attention (PyTorch's first choice for bf16 on Hopper): it builds a plan for
         # every new (batch, length) shape, and scoring sees a new shape in almost every batch.
         backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        done: list[tuple[list[int], object, object]] = []
         with self._torch.inference_mode(), sdpa_kernel(backends):
             for batch, scores, objectives in self._batches(ready):
-                for j, s, o in zip(batch, scores, objectives):
-                    truncated = ready[j][2]
-                    for i in copies[j]:
-                        out[i] = RewardOutput(s, list(o) if o is not None else None, truncated,
-                                              "input truncated to max_length" if truncated else "")
-                if progress:
+                done.append((batch, scores, objectives))
+                if progress:  # on a GPU: when the batch is queued, at most a batch or so ahead
                     progress(sum(len(copies[j]) for j in batch))
+        for batch, scores, objectives in _to_lists(done):
+            for j, s, o in zip(batch, scores, objectives):
+                truncated = ready[j][2]
+                for i in copies[j]:
+                    out[i] = RewardOutput(s, list(o) if o is not None else None, truncated,
+                                          "input truncated to max_length" if truncated else "")
         return out  # type: ignore[return-value]
+
+
+def _to_lists(done):
+    """Batches' device tensors -> (indices, scores, objectives) lists, in one transfer."""
+    tensors = [(b, s, o) for b, s, o in done if not isinstance(s, list)]
+    if tensors:
+        import torch
+
+        scores = torch.cat([s for _, s, _ in tensors]).float().cpu().tolist()
+        objectives = torch.cat([o for _, _, o in tensors]).float().cpu().tolist()
+    at = 0
+    for batch, s, o in done:
+        if isinstance(s, list):
+            yield batch, s, o
+        else:
+            yield batch, scores[at : at + len(batch)], objectives[at : at + len(batch)]
+            at += len(batch)
 
 
 # -- from the recipe: what the score and eval stages both use -------------------------------------

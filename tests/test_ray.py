@@ -1,0 +1,122 @@
+"""Sampling on a real local Ray cluster (`ray_cluster`): the same rows as on this machine, a Ray
+worker killed mid-shard retried without losing or repeating a row, and the two ways a cluster can
+be wrong (an address nothing answers at, a source no node can hold) failing at once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from fusechat.recipe import load_recipe
+from fusechat.sampling.shards import read_shard
+from fusechat.sampling.stage import run_sample
+from fusechat.testing.sampling_recipe import write_sampling_recipe
+from servers import free_port
+
+PROMPTS = 6
+
+
+def _source(model, **extra) -> dict:
+    # transformers engine: these tests are about placement, and it starts in seconds
+    return {"name": "qwen", "model": str(model), "family": "qwen2", "engine": "transformers",
+            "sampling": {"temperature": 1.0, "max_tokens": 16}, "responses": {"instruction": 2},
+            "shard_size": 1, **extra}
+
+
+def _recipe(folder, model, **extra):
+    return write_sampling_recipe(folder, [_source(model, **extra)], instruction=PROMPTS)
+
+
+def _sample(recipe, *args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "fusechat", "sample", str(recipe), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(folder):
+    return pq.read_table(folder / "run" / "responses" / "responses.parquet").to_pylist()
+
+
+def _shard_pids(folder) -> set[int]:
+    return {read_shard(p)[1]["pid"] for p in (folder / "run" / "responses" / "shards" / "qwen").glob("*.parquet")}
+
+
+@pytest.fixture(scope="module")
+def local_rows(tiny_models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("local")
+    run_sample(load_recipe(_recipe(folder, tiny_models["qwen2"])))
+    return _rows(folder)
+
+
+def test_ray_run_gives_the_local_rows(ray_cluster, tiny_models, local_rows, tmp_path):
+    proc = _sample(_recipe(tmp_path, tiny_models["qwen2"]), "--ray-address", ray_cluster, "--tasks-per-source", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _rows(tmp_path) == local_rows and len(local_rows) == 2 * PROMPTS
+    assert len(_shard_pids(tmp_path)) == 2  # the shards were split over two Ray tasks
+    man = json.loads((tmp_path / "run" / "responses" / "manifest.json").read_text())
+    assert man["rows_in"] == man["rows_out"] == len(local_rows) and man["dropped"] == {}
+
+
+def _sampling_worker(folder):
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "fusechat.sampling.worker" in cmd and str(folder) in cmd:
+            return p
+    return None
+
+
+def test_ray_worker_killed_mid_run_is_retried(ray_cluster, tiny_models, local_rows, tmp_path):
+    recipe = _recipe(tmp_path, tiny_models["qwen2"])
+    shards = tmp_path / "run" / "responses" / "shards" / "qwen"
+    cli = subprocess.Popen([sys.executable, "-m", "fusechat", "sample", str(recipe), "--ray-address", ray_cluster],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(shards.glob("*.parquet")):
+        assert time.time() < deadline and cli.poll() is None, "no shard was written"
+        time.sleep(0.02)
+    worker = _sampling_worker(tmp_path)
+    ray_worker = worker.parent()  # the Ray worker process running the task
+    assert "ray" in " ".join(ray_worker.cmdline()).lower()
+    ray_worker.kill()
+    done_at_kill = len(list(shards.glob("*.parquet")))
+    out, err = cli.communicate(timeout=240)
+    assert cli.returncode == 0, err[-3000:]
+    assert done_at_kill < PROMPTS  # the kill came mid-run: Ray's retry computed the rest
+    rows = _rows(tmp_path)
+    key = [(r["response_id"], r["prompt_id"], r["sample_index"]) for r in rows]
+    assert len(set(key)) == len(key)  # 0 duplicated
+    assert sorted(key) == sorted((r["response_id"], r["prompt_id"], r["sample_index"]) for r in local_rows)  # 0 lost
+    assert len(_shard_pids(tmp_path)) == 2  # shards from the killed task's worker and from the retry
+    man = json.loads((tmp_path / "run" / "responses" / "manifest.json").read_text())
+    assert man["rows_in"] == man["rows_out"] == len(rows)
+
+
+def test_source_no_node_can_hold_fails_before_anything_starts(ray_cluster, tiny_models, tmp_path):
+    recipe = write_sampling_recipe(tmp_path, [{
+        "name": "big", "model": str(tiny_models["qwen2"]), "family": "qwen2",
+        "engine_options": {"tensor_parallel_size": 4}, "responses": {"instruction": 1}}], instruction=2)
+    t0 = time.time()
+    proc = _sample(recipe, "--ray-address", ray_cluster, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "sources[0] 'big'" in line and "asks for 4 GPUs" in line and "2 GPUs/2 CPUs" in line, line
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # not even the prompts were built
+    print(f"resource error after {time.time() - t0:.1f} s")
+
+
+def test_ray_address_that_does_not_answer(tiny_models, tmp_path):
+    recipe = _recipe(tmp_path, tiny_models["qwen2"])
+    dead = f"127.0.0.1:{free_port()}"
+    t0 = time.time()
+    proc = _sample(recipe, "--ray-address", dead, timeout=60)
+    seconds = time.time() - t0
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"Ray cluster at '{dead}' does not answer" in proc.stderr and "Traceback" not in proc.stderr
+    assert seconds < 20, seconds
+    assert not (tmp_path / "run").exists()
