@@ -5,10 +5,10 @@
 
 All score the same conversations with the same tiny ArmoRM (built here in ArmoRM's layout, larger
 than the test one). The loop is the pattern of the scripts this project descends from: render and
-tokenize one conversation, one forward pass per response, read the score. The batched scorer
-sorts by length and packs batches under a token budget, once with each prompt's replies sharing
-one pass over the prompt (the default) and once without; both run identical conversations once,
-which the loop does not. --per-prompt replies follow each prompt, as the recipe's 20 candidates
+tokenize one conversation, one forward pass per response, read the score (bench/gpu_score_check.py
+times it on a GPU too). The batched scorer packs conversations into batches under a token budget,
+without padding, once with each prompt's tokens computed once for all its replies (the default)
+and once without; both run identical conversations once, which the loop does not. --per-prompt replies follow each prompt, as the recipe's 20 candidates
 per instruction prompt do; the default reply length makes prompts about 30% of the tokens (with
 the template), our estimate for the recipe's chat data, and the default replies never repeat. --run reads
 a run folder's prompts and responses instead (the first --responses in prompt order, as the scoring

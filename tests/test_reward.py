@@ -289,3 +289,37 @@ def test_sequence_classification_reward_model(tmp_path):
             expected = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
         assert abs(out.score - expected) <= 1e-5 and out.objectives is None
 
+
+def test_gpu_score_check_runs_tiny_on_cpu(tmp_path):
+    """The GPU check's CPU mode: every variant measured, the table last, the JSON written; and
+    nothing on its import path that the GPU machine lacks (vLLM, TRL, datasets, pyarrow)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_score_check.py"
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(script), "--size", "tiny"],
+                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+                for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert {"torch", "transformers", "fusechat"} <= imported
+    assert not imported & {"vllm", "trl", "datasets", "pyarrow"}
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("| tiny | shared, varlen | not run: not available")
+
+    data = json.loads((tmp_path / "gpu_score_check.json").read_text())
+    (size,) = data["sizes"]
+    rows = {r["variant"]: r for r in data["results"]}
+    loop, unshared, shared = rows["loop"], rows["unshared"], rows["shared"]
+    assert loop["conversations"] == size["sample"] < shared["conversations"] == size["conversations"] == 60
+    for r in (loop, unshared, shared, rows["shared, 1024 tokens"]):
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_gib"] > 0
+        # bf16 against the same weights in fp32: within a small part of the scores' spread
+        assert r["max_diff_fp32"] < 0.25 * size["fp32_score_std"]
+    assert loop["computed_tokens"] == loop["tokens"]
+    assert unshared["computed_tokens"] == unshared["tokens"]  # packed: no padding computed
+    # shared: each prompt once per chunk (a 1,024-token budget splits trees, so more prompts run again)
+    assert shared["computed_tokens"] < rows["shared, 1024 tokens"]["computed_tokens"] < unshared["tokens"]
+    assert size["max_diff_shared_unshared"] < 0.25 * size["fp32_score_std"]
