@@ -70,6 +70,7 @@ def _sampling_worker(folder):
     return None
 
 
+@pytest.mark.slow
 def test_ray_worker_killed_mid_run_is_retried(ray_cluster, tiny_models, local_rows, tmp_path):
     recipe = _recipe(tmp_path, tiny_models["qwen2"])
     shards = tmp_path / "run" / "responses" / "shards" / "qwen"
