@@ -306,7 +306,10 @@ def audit_run(run: Path) -> tuple[dict, pd.DataFrame]:
     from fusechat.tables import DECISIONS, PROMPTS, RESPONSES, SCORES, read
 
     prompts = read(PROMPTS, run / "prompts" / "prompts.parquet", ["prompt_id", "meta"])
-    responses = read(RESPONSES, run / "responses" / "responses.parquet", ["response_id", "text", "completion_tokens"])
+    # the texts (gigabytes at the recipe's volume) only where some prompt carries an exact answer
+    texts = ["text"] if expected_answers(prompts) else []
+    responses = read(RESPONSES, run / "responses" / "responses.parquet",
+                     ["response_id", "completion_tokens", *texts], only=True)
     scores = read(SCORES, run / "scores" / "scores.parquet",
                   ["response_id", "prompt_id", "source", "domain", "reward", "check_status"])
     decisions = read(DECISIONS, run / "datasets" / "decisions.parquet").to_pandas()

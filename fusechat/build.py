@@ -61,7 +61,8 @@ BAND_EPS = 1e-6
 
 # the columns of each input table that the build reads (the tables hold more: fusechat.tables)
 PROMPT_COLUMNS = ("prompt_id", "dataset", "domain", "messages")
-RESPONSE_COLUMNS = ("response_id", "prompt_id", "source", "model_revision", "sample_index", "text")
+# (the texts are read apart, for the selected rows only: `_texts`)
+RESPONSE_COLUMNS = ("response_id", "prompt_id", "source", "model_revision", "sample_index")
 SCORE_COLUMNS = ("response_id", "prompt_id", "source", "reward", "check_status", "truncated")
 
 
@@ -396,7 +397,7 @@ def load_inputs(run: Path) -> tuple[pa.Table, pa.Table, pd.DataFrame, pd.DataFra
     inputs = ((PROMPTS, PROMPT_COLUMNS), (RESPONSES, RESPONSE_COLUMNS), (SCORES, SCORE_COLUMNS))
     paths = {spec.name: run / spec.path for spec, _ in inputs}
     # the latest stage's table first: a run without scores says to run `fusechat score` first
-    got = {spec.name: read(spec, paths[spec.name], cols) for spec, cols in reversed(inputs)}
+    got = {spec.name: read(spec, paths[spec.name], cols, only=spec is RESPONSES) for spec, cols in reversed(inputs)}
     prompts_t, responses_t, scores_t = got["prompts"], got["responses"], got["scores"]
     pp, rp, sp = paths["prompts"], paths["responses"], paths["scores"]
 
@@ -469,15 +470,37 @@ def load_inputs(run: Path) -> tuple[pa.Table, pa.Table, pd.DataFrame, pd.DataFra
     return prompts_t, responses_t, prompts, resp
 
 
-def _texts(responses_t: pa.Table, rows, path: Path) -> pa.Array:
+def _texts(rows, path: Path) -> pa.Array:
+    """The texts of the given rows of the responses table, in that order. Read one row group at a
+    time and only where a selected row lies: the column holds gigabytes at the recipe's volume,
+    the data sets a tenth of it."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    texts = responses_t.column("text").take(pa.array(rows, pa.int64())).combine_chunks()
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    file = pq.ParquetFile(path)
+    if "text" not in file.schema_arrow.names:
+        raise InputError(path, "missing column text of the responses table (docs/architecture.md)")
+    parts, start = [], 0
+    for g in range(file.num_row_groups):
+        n = file.metadata.row_group(g).num_rows
+        lo, hi = np.searchsorted(wanted, [start, start + n])
+        if hi > lo:
+            column = file.read_row_group(g, columns=["text"]).column(0)
+            parts.append(column.take(pa.array(wanted[lo:hi] - start)).combine_chunks().cast(pa.string()))
+        start += n
+    got = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+    back = np.empty(len(rows), dtype=np.int64)
+    back[order] = np.arange(len(rows))
+    texts = got.take(pa.array(back))
     nulls = pc.is_null(texts).to_numpy(zero_copy_only=False)
     if nulls.any():
         _fail(path, int(rows[_first_true(nulls)]), "text", "is null but the response was selected")
-    return texts.cast(pa.string())
+    return texts
 
 
 def _turns(roles: pa.Array, contents: pa.Array, offsets) -> pa.Array:
@@ -540,7 +563,7 @@ def output_tables(sel: Selection, prompts_t: pa.Table, responses_t: pa.Table, re
         prompt_rows = s["prompt"].to_numpy()
         m = meta.take(pa.array(prompt_rows, pa.int64()))
         msgs = _conversation(_prompt_messages(prompts_t, prompt_rows),
-                             _texts(responses_t, r[s["response"].to_numpy()], responses_path))
+                             _texts(r[s["response"].to_numpy()], responses_path))
         out[f"sft/{split}"] = pa.table({
             "messages": msgs, "prompt_id": m["prompt_id"], "dataset": m["dataset"], "domain": m["domain"],
             "source_model": pa.array(s["source"].to_numpy(), pa.string()),
@@ -551,8 +574,8 @@ def output_tables(sel: Selection, prompts_t: pa.Table, responses_t: pa.Table, re
         m = meta.take(pa.array(prompt_rows, pa.int64()))
         out[f"dpo/{split}"] = pa.table({
             "prompt": _prompt_messages(prompts_t, prompt_rows),
-            "chosen": _assistant(_texts(responses_t, r[d["chosen"].to_numpy()], responses_path)),
-            "rejected": _assistant(_texts(responses_t, r[d["rejected"].to_numpy()], responses_path)),
+            "chosen": _assistant(_texts(r[d["chosen"].to_numpy()], responses_path)),
+            "rejected": _assistant(_texts(r[d["rejected"].to_numpy()], responses_path)),
             "prompt_id": m["prompt_id"], "dataset": m["dataset"], "domain": m["domain"],
             "source_model": pa.array(d["source"].to_numpy(), pa.string()),
             "chosen_score": pa.array(d["chosen_score"].to_numpy(), pa.float64()),

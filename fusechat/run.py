@@ -99,6 +99,25 @@ def write_table(table: pa.Table, path: Path, spec: Table | None = None) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def table_writer(path: Path, spec: Table):
+    """Write a Parquet file part by part, atomically as `write_table` does; yields a function that
+    appends a table of `spec`'s columns (one row group or more each). A stage that merges
+    gigabytes of shards holds one shard at a time."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    writer = pq.ParquetWriter(tmp, spec.schema())
+    try:
+        yield lambda table: writer.write_table(spec.conform(table).replace_schema_metadata(None))
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+
+
 def set_aside(path: Path) -> Path:
     """Move a damaged work file into `damaged/` beside it (kept for inspection, never deleted), so
     that the stage computes it again."""

@@ -218,8 +218,10 @@ def _writer(table: Table) -> str:
     return f"`fusechat {stage.name}`" if stage else "the stage that writes it"
 
 
-def read(table: Table, path: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """The Parquet file at `path`, holding (at least) `columns` of `table` (default: all of them).
+def read(table: Table, path: Path, columns: Sequence[str] | None = None, only: bool = False) -> pa.Table:
+    """The Parquet file at `path`, holding (at least) `columns` of `table` (default: all of them);
+    with `only`, just those columns are read (a reader that skips the texts of a responses table
+    skips gigabytes).
 
     Every problem is an `InputError` naming the file: missing (with the command that writes it),
     unreadable (truncated or not Parquet), or without a column the reader needs.
@@ -230,7 +232,11 @@ def read(table: Table, path: Path, columns: Sequence[str] | None = None) -> pa.T
     if not path.exists():
         raise InputError(path, f"missing; run {_writer(table)} first")
     try:
-        data = pq.read_table(path)
+        if only and columns is not None:
+            present = set(pq.read_schema(path).names)
+            data = pq.read_table(path, columns=[c for c in columns if c in present])
+        else:
+            data = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise InputError(path, f"cannot be read as a {table.name} table ({e}): the file is damaged or cut "
                                f"short; run {_writer(table)} again to rewrite it") from None

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from fusechat.errors import IncompleteError
 from fusechat.recipe import Recipe, RecipeError, Source
-from fusechat.run import Manifest, stage_dir, write_table
+from fusechat.run import Manifest, stage_dir, table_writer
 from fusechat.sampling.shards import (
     RECEIVED, Shard, load_prompts, model_revision, plan_source, read_shard, set_aside_damaged, shard_path,
 )
@@ -170,13 +170,37 @@ def merge(
 ) -> Manifest:
     """`responses/responses.parquet` and its manifest from the shard files that exist; the
     manifest's wall time counts from `started_at` (default: now)."""
-    import pyarrow as pa
-
     outcomes = outcomes or {}
     man = Manifest.start(recipe, "responses")
     if started_at is not None:
         man.started_at = started_at
-    tables = []
+    out_dir = stage_dir(recipe, "responses")
+    with table_writer(out_dir / "responses.parquet", RESPONSES) as append:
+        per_source, requests_in, requests_done, requests_dropped = _merge_shards(recipe, shards, outcomes, man, append)
+    # A request that returned fewer samples than asked (a server that ignores n) must not vanish.
+    short = man.rows_in - man.rows_out - sum(man.dropped.values())
+    man.drop("fewer_samples_than_requested", short)
+    man.outputs = {"responses.parquet": man.rows_out}
+    man.models = dict(revisions)
+    man.extra = {
+        "requests": {"in": requests_in, "answered": requests_done, "dropped": requests_dropped},
+        "truncated": sum(s["truncated"] for s in per_source.values()),
+        "per_source": per_source,
+        "failures": {n: o.message for n, o in outcomes.items() if o.status != "done"},
+        # shard files that could not be read, set aside and sampled again
+        "damaged_shards": sorted(str(p.relative_to(out_dir)) for name in shards
+                                 for p in (out_dir / "shards" / name / "damaged").glob("*")),
+    }
+    man.check_balance()
+    man.save(out_dir)
+    return man
+
+
+def _merge_shards(recipe: Recipe, shards: dict[str, list[Shard]], outcomes: dict[str, SourceOutcome],
+                  man: Manifest, append: Callable) -> tuple[dict[str, dict[str, Any]], int, int, dict[str, int]]:
+    """Append every existing shard's rows (one shard in memory at a time) and count the books."""
+    import pyarrow.compute as pc
+
     per_source: dict[str, dict[str, Any]] = {}
     requests_in = requests_done = 0
     requests_dropped: dict[str, int] = {}
@@ -196,11 +220,10 @@ def merge(
                 reasons = {reason: list(shard.prompt_ids)}
             else:
                 table, meta = read_shard(path)
-                table = table.drop_columns([RECEIVED])
-                tables.append(table)
+                append(table.drop_columns([RECEIVED]))
                 stats["shards_done"] += 1
                 stats["responses"] += table.num_rows
-                stats["truncated"] += sum(table.column("truncated").to_pylist())
+                stats["truncated"] += int(pc.sum(pc.fill_null(table.column("truncated"), False)).as_py() or 0)
                 man.rows_out += table.num_rows
                 reasons = meta.get("dropped", {})
                 requests_done += asked - sum(len(p) for p in reasons.values())
@@ -208,26 +231,7 @@ def merge(
                 man.drop(reason, len(pids) * shard.n)
                 requests_dropped[reason] = requests_dropped.get(reason, 0) + len(pids)
                 stats["dropped"][reason] = stats["dropped"].get(reason, 0) + len(pids) * shard.n
-    table = pa.concat_tables(tables) if tables else RESPONSES.schema().empty_table()
-    # A request that returned fewer samples than asked (a server that ignores n) must not vanish.
-    short = man.rows_in - man.rows_out - sum(man.dropped.values())
-    man.drop("fewer_samples_than_requested", short)
-    out_dir = stage_dir(recipe, "responses")
-    write_table(table, out_dir / "responses.parquet", RESPONSES)
-    man.outputs = {"responses.parquet": table.num_rows}
-    man.models = dict(revisions)
-    man.extra = {
-        "requests": {"in": requests_in, "answered": requests_done, "dropped": requests_dropped},
-        "truncated": sum(s["truncated"] for s in per_source.values()),
-        "per_source": per_source,
-        "failures": {n: o.message for n, o in outcomes.items() if o.status != "done"},
-        # shard files that could not be read, set aside and sampled again
-        "damaged_shards": sorted(str(p.relative_to(out_dir)) for name in shards
-                                 for p in (out_dir / "shards" / name / "damaged").glob("*")),
-    }
-    man.check_balance()
-    man.save(out_dir)
-    return man
+    return per_source, requests_in, requests_done, requests_dropped
 
 
 def run_sample(recipe: Recipe, retries: int = 2, ray_address: str | None = None, tasks_per_source: int = 1) -> Manifest:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,9 @@ from fusechat.scoring.checks import PRELUDE_KEY, Checkers
 from fusechat.scoring.reward import recipe_scorer, resolve_model
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
     from fusechat.recipe import Recipe
 
 COLUMNS = tuple(SCORES.names)
@@ -55,43 +59,77 @@ def _load_prompts(path: Path) -> dict[str, dict[str, Any]]:
     return prompts
 
 
-def _load_rows(recipe: Recipe, manifest: Manifest) -> list[dict[str, Any]]:
-    """Responses joined with their prompts; bad rows dropped by reason, bad tables rejected."""
-    import pyarrow as pa
+@dataclass
+class Inputs:
+    """The responses to score, joined with their prompts. Texts stay in the Arrow column and
+    become Python strings one shard at a time: at the recipe's volume they are gigabytes."""
+
+    table: pa.Table  # RESPONSE_COLUMNS of responses.parquet, every row
+    prompts: dict[str, dict[str, Any]]
+    kept: np.ndarray  # table rows kept, in table order (the order of scores.parquet)
+    domain: np.ndarray  # per table row: its prompt's domain (None when the prompt is unknown)
+
+    def column(self, name: str, rows) -> list:
+        import pyarrow as pa
+
+        if name == "domain":
+            return self.domain[rows].tolist()
+        return self.table.column(name).take(pa.array(rows, pa.int64())).to_pylist()
+
+    def rows(self, rows) -> tuple[list[dict[str, Any]], int]:
+        """The given table rows as dicts with text and prompt fields, and how many texts were not
+        valid UTF-8 (decoded with replacement characters)."""
+        import pyarrow as pa
+
+        idx = pa.array(rows, pa.int64())
+        # read text as bytes: a writer that put non-UTF-8 bytes in the column must not stop the stage
+        raw_text = self.table.column("text").take(idx).cast(pa.binary()).to_pylist()
+        meta = self.table.select(["response_id", "prompt_id", "source", "truncated"]).take(idx).to_pylist()
+        out, non_utf8 = [], 0
+        for r, raw in zip(meta, raw_text):
+            raw = raw or b""
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", errors="replace")
+                non_utf8 += 1
+            prompt = self.prompts[r["prompt_id"]]
+            out.append({
+                **r, "truncated": bool(r["truncated"]), "text": text, "domain": prompt["domain"],
+                "messages": prompt["messages"],  # shared by the prompt's responses, not copied
+                "gold_answer": prompt["gold_answer"], "tests": prompt["tests"] or [],
+                "setup": prompt["meta"].get("test_setup", "") or "",
+                "prelude": prompt["meta"].get(PRELUDE_KEY, "") or "",
+            })
+        return out, non_utf8
+
+
+def load_inputs(recipe: Recipe, manifest: Manifest) -> Inputs:
+    """Responses and prompts; a repeated response_id (after its first kept row) and a response
+    whose prompt_id is not in the prompt table are dropped by reason, bad tables rejected."""
+    import numpy as np
+    import pandas as pd
 
     run = recipe.run_path()
     prompts = _load_prompts(run / "prompts" / "prompts.parquet")
-    path = run / "responses" / "responses.parquet"
-    table = read(RESPONSES, path, RESPONSE_COLUMNS)
+    table = read(RESPONSES, run / "responses" / "responses.parquet", RESPONSE_COLUMNS, only=True)
     manifest.rows_in = table.num_rows
-    # read text as bytes: a writer that put non-UTF-8 bytes in the column must not stop the stage
-    raw_text = table.column("text").cast(pa.binary()).to_pylist()
-    seen: set[str] = set()
-    rows = []
-    non_utf8 = 0
-    for i, r in enumerate(table.select(["response_id", "prompt_id", "source", "truncated"]).to_pylist()):
-        if r["response_id"] in seen:
-            manifest.drop("duplicate_response_id")
-            continue
-        prompt = prompts.get(r["prompt_id"])
-        if prompt is None:
-            manifest.drop("unknown_prompt_id")
-            continue
-        seen.add(r["response_id"])
-        raw = raw_text[i] or b""
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("utf-8", errors="replace")
-            non_utf8 += 1
-        rows.append({
-            **r, "truncated": bool(r["truncated"]), "text": text, "domain": prompt["domain"],
-            "messages": prompt["messages"],  # shared by the prompt's responses, not copied
-            "gold_answer": prompt["gold_answer"], "tests": prompt["tests"] or [],
-            "setup": prompt["meta"].get("test_setup", "") or "",
-            "prelude": prompt["meta"].get(PRELUDE_KEY, "") or "",
-        })
-    manifest.extra["non_utf8_text"] = non_utf8
+    frame = pd.DataFrame({"rid": table.column("response_id").to_pandas(),
+                          "pid": table.column("prompt_id").to_pandas()})
+    domain = frame["pid"].map({pid: p["domain"] for pid, p in prompts.items()}).to_numpy(dtype=object)
+    known = pd.notna(domain)
+    # a response id counts as seen from its first row with a known prompt on
+    first_known = pd.Series(np.where(known, np.arange(len(frame)), len(frame))).groupby(frame["rid"].to_numpy()).transform("min")
+    duplicate = np.arange(len(frame)) > first_known.to_numpy()
+    manifest.drop("duplicate_response_id", int(duplicate.sum()))
+    manifest.drop("unknown_prompt_id", int((~duplicate & ~known).sum()))
+    return Inputs(table, prompts, np.flatnonzero(known & ~duplicate), domain)
+
+
+def _load_rows(recipe: Recipe, manifest: Manifest) -> list[dict[str, Any]]:
+    """Every kept response as a dict (texts as Python strings: small runs and tests)."""
+    inputs = load_inputs(recipe, manifest)
+    rows, manifest.extra["non_utf8_text"] = inputs.rows(inputs.kept)
     return rows
 
 
@@ -174,19 +212,41 @@ def _check_shard(checkers: Checkers, rows: list[dict], path: Path, progress) -> 
 
 
 # -- stage --------------------------------------------------------------------------------------
-def _shards(recipe: Recipe, rows: list[dict], revision: str, shards_dir: Path):
+def _shard_paths(recipe: Recipe, part: list[dict], k: int, revision: str, shards_dir: Path) -> tuple[Path, Path]:
+    """The reward and check files of shard `k`: names that hash its inputs and settings."""
     rm, s = recipe.scoring.reward_model, recipe.scoring
     reward_settings = [rm.model, revision, rm.kind, rm.max_length, rm.overlong, rm.dtype]
     check_settings = [s.math.model_dump(), s.code.model_dump()]
-    size = s.shard_size
+    content = stable_hash([(r["response_id"], r["text"]) for r in part])
+    checks_in = stable_hash([(r["gold_answer"], r["tests"], r["setup"], r["prelude"]) for r in part])
+    return (shards_dir / f"reward-{k:05d}-{stable_hash(content, reward_settings)}.parquet",
+            shards_dir / f"checks-{k:05d}-{stable_hash(content, checks_in, check_settings)}.parquet")
+
+
+def _shards(recipe: Recipe, rows: list[dict], revision: str, shards_dir: Path):
+    """(rows, reward path, check path) per shard of a list of rows (`_load_rows`)."""
+    size = recipe.scoring.shard_size
     # all samples of a prompt, from every source, in one shard: the reward model reads the prompt once
     rows = sorted(rows, key=lambda r: r["prompt_id"])
     for k in range(0, len(rows), size):
         part = rows[k : k + size]
-        content = stable_hash([(r["response_id"], r["text"]) for r in part])
-        checks_in = stable_hash([(r["gold_answer"], r["tests"], r["setup"], r["prelude"]) for r in part])
-        yield (part, shards_dir / f"reward-{k // size:05d}-{stable_hash(content, reward_settings)}.parquet",
-               shards_dir / f"checks-{k // size:05d}-{stable_hash(content, checks_in, check_settings)}.parquet")
+        yield (part, *_shard_paths(recipe, part, k // size, revision, shards_dir))
+
+
+def shard_plan(recipe: Recipe, inputs: Inputs, revision: str, shards_dir: Path):
+    """The shards of `_shards`, one at a time: (table rows, rows as dicts, texts not valid UTF-8,
+    reward path, check path). Only one shard's texts are Python strings at any time."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    size = recipe.scoring.shard_size
+    # Arrow's sort is stable, as `sorted` is, and orders UTF-8 bytes as Python orders code points
+    pids = inputs.table.column("prompt_id").take(pa.array(inputs.kept, pa.int64()))
+    order = inputs.kept[pc.sort_indices(pids).to_numpy()]
+    for k in range(0, len(order), size):
+        rows = order[k : k + size]
+        part, non_utf8 = inputs.rows(rows)
+        yield (rows, part, non_utf8, *_shard_paths(recipe, part, k // size, revision, shards_dir))
 
 
 def run_score(recipe: Recipe) -> Manifest:
@@ -197,14 +257,19 @@ def run_score(recipe: Recipe) -> Manifest:
     out_dir = stage_dir(recipe, "scores")
     shards_dir = out_dir / "shards"
     shards_dir.mkdir(exist_ok=True)
-    rows = _load_rows(recipe, manifest)
+    inputs = load_inputs(recipe, manifest)
     model_path, revision = resolve_model(recipe)
     manifest.models[recipe.scoring.reward_model.model] = revision
-    shards = list(_shards(recipe, rows, revision, shards_dir))
+    shards, empty, non_utf8 = [], 0, 0
+    for rows, part, bad_utf8, rp, cp in shard_plan(recipe, inputs, revision, shards_dir):
+        shards.append((rows, rp, cp))
+        empty += sum(not r["text"].strip() for r in part)
+        non_utf8 += bad_utf8
+    manifest.extra["non_utf8_text"] = non_utf8
     # a shard file cut short (full disk, killed copy) is work to redo, not an input to trust
     damaged = [set_aside(p) for _, rp, cp in shards for p in (rp, cp) if p.exists() and not readable(p)]
-    reward_todo = [(part, rp) for part, rp, _ in shards if not rp.exists()]
-    check_todo = [(part, cp) for part, _, cp in shards if not cp.exists()]
+    reward_todo = [(inputs.rows(rows)[0], rp) for rows, rp, _ in shards if not rp.exists()]
+    check_todo = [(rows, cp) for rows, _, cp in shards if not cp.exists()]
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     checkers = Checkers(recipe)
@@ -215,22 +280,26 @@ def run_score(recipe: Recipe) -> Manifest:
                 _score_rewards(recipe, model_path, reward_todo, lambda n=1: bar.advance(task, n))
             if check_todo:
                 task = bar.add_task("math + code checks", total=sum(len(p) for p, _ in check_todo))
-                for part, path in check_todo:
-                    _check_shard(checkers, part, path, lambda n=1: bar.advance(task, n))
+                for rows, path in check_todo:
+                    _check_shard(checkers, inputs.rows(rows)[0], path, lambda n=1: bar.advance(task, n))
     finally:
         checkers.close()
     if checkers.isolation is not None:
         manifest.extra["sandbox"] = checkers.isolation
 
-    merged, reward_details = _merge(rows, shards)
-    write_table(pa.Table.from_pylist(merged, schema=SCORES.schema()), out_dir / "scores.parquet", SCORES)
+    # the texts are done with: the merge holds every score and check instead
+    inputs.table = inputs.table.drop_columns(["text"])
+    pa.default_memory_pool().release_unused()
+    merged, reward_detail = _merge(inputs, shards)
+    write_table(merged, out_dir / "scores.parquet", SCORES)
     expected = {p.name for _, rp, cp in shards for p in (rp, cp)}
     for stale in shards_dir.glob("*.parquet"):  # shards of earlier settings or inputs
         if stale.name not in expected:
             stale.unlink()
-    manifest.rows_out = len(merged)
-    manifest.outputs["scores.parquet"] = len(merged)
-    manifest.extra.update(_counts(rows, merged, reward_details))
+    manifest.rows_out = merged.num_rows
+    manifest.outputs["scores.parquet"] = merged.num_rows
+    manifest.extra.update(_counts(inputs, merged, reward_detail))
+    manifest.extra["empty_responses"] = empty
     manifest.extra["shards"] = {"total": len(shards), "reward_computed": len(reward_todo),
                                 "checks_computed": len(check_todo)}
     # shard files that could not be read, moved to shards/damaged/ and computed again
@@ -242,59 +311,90 @@ def run_score(recipe: Recipe) -> Manifest:
     return manifest
 
 
-def _merge(rows: list[dict], shards) -> tuple[list[dict], list[str]]:
-    """Rows of scores.parquet, and why each reward is null ("" where it is not)."""
-    rewards, checks = {}, {}
-    for _, rp, cp in shards:
-        rewards.update({r["response_id"]: r for r in read(REWARD_SHARD, rp).to_pylist()})
-        checks.update({r["response_id"]: r for r in read(CHECK_SHARD, cp).to_pylist()})
-    merged, reward_details = [], []
-    for r in rows:
-        rw, ck = rewards[r["response_id"]], checks[r["response_id"]]
-        detail = ck["check_detail"]
-        reward_details.append(rw["reward_detail"] if rw["reward"] is None else "")
-        if rw["reward"] is None:
-            detail = f"reward not computed: {rw['reward_detail']}" + (f"; {detail}" if detail else "")
-        merged.append({
-            "response_id": r["response_id"], "prompt_id": r["prompt_id"], "source": r["source"],
-            "domain": r["domain"], "reward": rw["reward"], "objective_rewards": rw["objective_rewards"],
-            "check": ck["check"], "check_status": ck["check_status"], "check_detail": detail,
-            "truncated": r["truncated"] or rw["reward_truncated"],
-        })
-    return merged, reward_details
+def _merge(inputs: Inputs, shards) -> tuple[pa.Table, pa.ChunkedArray]:
+    """scores.parquet's table (kept responses in table order) joined in Arrow with the shard
+    files, and the reward shards' `reward_detail` per row."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def gather(spec, paths):
+        tables = [read(spec, p) for p in paths]
+        return pa.concat_tables(tables) if tables else spec.schema().empty_table()
+
+    rw = gather(REWARD_SHARD, [rp for _, rp, _ in shards])
+    ck = gather(CHECK_SHARD, [cp for _, _, cp in shards])
+    kept = pa.array(inputs.kept, pa.int64())
+    t = inputs.table.select(["response_id", "prompt_id", "source", "truncated"]).take(kept)
+    rid = t.column("response_id").combine_chunks()
+    joined = []
+    for table in (rw, ck):
+        at = pc.index_in(rid, value_set=table.column("response_id").combine_chunks())
+        if at.null_count:  # every kept response is in exactly one shard: a bug, not bad input
+            raise KeyError(rid[int(np.flatnonzero(pc.is_null(at).to_numpy(zero_copy_only=False))[0])].as_py())
+        joined.append(table.take(at))
+    rw, ck = joined
+    null = pc.is_null(rw.column("reward")).to_numpy(zero_copy_only=False)
+    detail = ck.column("check_detail").to_numpy(zero_copy_only=False).astype(object)
+    why = rw.column("reward_detail")
+    for i in np.flatnonzero(null):
+        d = detail[i]
+        detail[i] = f"reward not computed: {why[int(i)].as_py()}" + (f"; {d}" if d else "")
+    truncated = pc.or_kleene(pc.fill_null(t.column("truncated"), False), rw.column("reward_truncated"))
+    merged = pa.table({
+        "response_id": rid, "prompt_id": t.column("prompt_id"), "source": t.column("source"),
+        "domain": pa.array(inputs.domain[inputs.kept], pa.string()), "reward": rw.column("reward"),
+        "objective_rewards": rw.column("objective_rewards"), "check": ck.column("check"),
+        "check_status": ck.column("check_status"), "check_detail": pa.array(detail, pa.string()),
+        "truncated": truncated,
+    })
+    return SCORES.conform(merged), why
 
 
-def _counts(rows: list[dict], merged: list[dict], reward_details: list[str]) -> dict[str, Any]:
+def _counts(inputs: Inputs, merged: pa.Table, reward_detail: pa.ChunkedArray) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     status: dict[str, Counter] = defaultdict(Counter)
-    for m in merged:
-        status[m["check"]][m["check_status"]] += 1
+    pairs = pa.table({"c": merged.column("check"), "s": merged.column("check_status")}).group_by(["c", "s"]).aggregate([([], "count_all")])
+    for c, st, n in zip(*pairs.to_pydict().values()):
+        status[c][st] += n
+    null = pc.is_null(merged.column("reward"))
     # every reason starts with a fixed tag before its first colon ("overlong", "empty response")
-    null_reasons = Counter(d.split(":")[0] for d in reward_details if d)
+    null_reasons = Counter(d.split(":")[0] for d in reward_detail.filter(null).to_pylist() if d)
+    own = pc.fill_null(inputs.table.column("truncated").take(pa.array(inputs.kept, pa.int64())), False)
     return {
-        "empty_responses": sum(not r["text"].strip() for r in rows),
-        "reward_null": sum(m["reward"] is None for m in merged),
+        "reward_null": int(pc.sum(null).as_py() or 0),
         "reward_null_reasons": dict(null_reasons),
-        "reward_input_truncated": sum(m["truncated"] and not r["truncated"] for r, m in zip(rows, merged)),
+        "reward_input_truncated": int(pc.sum(pc.and_(pc.fill_null(merged.column("truncated"), False),
+                                                      pc.invert(own))).as_py() or 0),
         "check_status": {k: dict(v) for k, v in status.items()},
     }
 
 
-def summary(merged: list[dict]) -> list[dict[str, Any]]:
+def summary(merged: pa.Table) -> list[dict[str, Any]]:
     """Per source and domain: responses, mean reward, null rewards, math correct and code pass rates."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for m in merged:
-        groups[(m["source"], m["domain"])].append(m)
+    import numpy as np
+    import pyarrow.compute as pc
+
+    frame = merged.select(["source", "domain", "check", "check_status"]).to_pandas()
+    null = pc.is_null(merged.column("reward")).to_numpy(zero_copy_only=False)
+    reward = pc.fill_null(merged.column("reward"), 0.0).to_numpy(zero_copy_only=False)
+    check = frame["check"].to_numpy(dtype=object)
+    status = frame["check_status"].to_numpy(dtype=object)
     out = []
-    for (source, domain), ms in sorted(groups.items()):
-        rewards = [m["reward"] for m in ms if m["reward"] is not None]
-        row: dict[str, Any] = {"source": source, "domain": domain, "responses": len(ms),
+    groups = frame.groupby(["source", "domain"], sort=True).indices if len(frame) else {}
+    for (source, domain), idx in sorted(groups.items()):
+        # a left-to-right sum over Python floats, as the reward mean has always been computed
+        rewards = reward[idx][~null[idx]].tolist()
+        row: dict[str, Any] = {"source": source, "domain": domain, "responses": len(idx),
                                "mean_reward": sum(rewards) / len(rewards) if rewards else None,
-                               "reward_null": len(ms) - len(rewards)}
-        for check, good in (("math", "correct"), ("code", "pass")):
-            checked = [m for m in ms if m["check"] == check]
-            if checked:
-                row[f"{check}_checked"] = len(checked)
-                row[f"{check}_{good}_rate"] = sum(m["check_status"] == good for m in checked) / len(checked)
+                               "reward_null": len(idx) - len(rewards)}
+        for name, good in (("math", "correct"), ("code", "pass")):
+            checked = idx[check[idx] == name]
+            if len(checked):
+                row[f"{name}_checked"] = len(checked)
+                row[f"{name}_{good}_rate"] = int(np.sum(status[checked] == good)) / len(checked)
         out.append(row)
     return out
 

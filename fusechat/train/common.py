@@ -101,14 +101,18 @@ def load_split(path: Path, columns: tuple[str, ...], check, cache_dir: Path) -> 
 
     if not path.exists():
         raise RecipeError(f"{path}: missing; run `fusechat build` first")
-    table = pq.read_table(path)
-    missing = [c for c in columns if c not in table.column_names]
+    file = pq.ParquetFile(path)
+    names = file.schema_arrow.names
+    missing = [c for c in columns if c not in names]
     if missing:
-        raise RecipeError(f"{path}: missing column(s) {', '.join(missing)}; has {', '.join(table.column_names)}")
-    if table.num_rows == 0:
+        raise RecipeError(f"{path}: missing column(s) {', '.join(missing)}; has {', '.join(names)}")
+    if file.metadata.num_rows == 0:
         raise RecipeError(f"{path}: no rows")
-    for i, row in enumerate(table.select(list(columns)).to_pylist()):
-        check(row, f"{path}: row {i}")
+    i = 0  # batch by batch: the rows as Python objects take several times their size in Arrow
+    for batch in file.iter_batches(batch_size=4096, columns=list(columns)):
+        for row in batch.to_pylist():
+            check(row, f"{path}: row {i}")
+            i += 1
     return Dataset.from_parquet(str(path), columns=list(columns), cache_dir=str(cache_dir))
 
 
