@@ -150,10 +150,14 @@ def _varlen(q, k, v, cu, longest: int, scaling, groups: int):
     """Flash attention over the concatenated conversations (no padding); torch >= 2.10, CUDA."""
     from torch.nn.attention.varlen import varlen_attn
 
-    kw = _varlen_options()
+    kw = dict(_varlen_options())
     if "enable_gqa" not in kw and groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **kw)
+    if kw.pop("scale"):
+        kw["scale"] = scaling
+    elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-9:
+        raise ValueError("this torch's varlen attention takes no scale, and the model's is not 1/sqrt(head_dim)")
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **kw)
 
 
 @lru_cache(maxsize=1)
@@ -167,6 +171,7 @@ def _varlen_options() -> dict:
     kw: dict = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "enable_gqa" in params:
         kw["enable_gqa"] = True
+    kw["scale"] = "scale" in params  # whether the call can pass the model's own (torch 2.10 cannot)
     return kw
 
 
