@@ -65,20 +65,24 @@ def gpus_of(source) -> int:
     return int(opts.get("tensor_parallel_size", 1)) * int(opts.get("pipeline_parallel_size", 1))
 
 
-def check_sources(recipe, cpus: float = 1) -> None:
-    """Raise before anything starts when a source's task asks for more than any live node of the
-    joined cluster has: Ray would otherwise keep it pending forever."""
+def _check_fits(asks: dict[str, tuple[int, float]]) -> None:
+    """Raise before anything starts when a task asks for more than any live node of the joined
+    cluster has: Ray would otherwise keep it pending forever. `asks`: what -> (GPUs, CPUs)."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    for i, source in enumerate(recipe.sources):
-        gpus = gpus_of(source)
+    for what, (gpus, cpus) in asks.items():
         if any(n.get("GPU", 0) >= gpus and n.get("CPU", 0) >= cpus for n in nodes):
             continue
         have = ", ".join(f"{int(n.get('GPU', 0))} GPUs/{int(n.get('CPU', 0))} CPUs" for n in nodes) or "no live node"
-        raise ClusterError(
-            f"sources[{i}] {source.name!r} asks for {gpus} GPUs (tensor_parallel_size) and {cpus:g} CPUs on one "
-            f"node, more than any node of the Ray cluster at {ray.get_runtime_context().gcs_address} has ({have})")
+        raise ClusterError(f"{what} asks for {gpus} GPUs and {cpus:g} CPUs on one node, more than any node of "
+                           f"the Ray cluster at {ray.get_runtime_context().gcs_address} has ({have})")
+
+
+def check_sources(recipe, cpus: float = 1) -> None:
+    """Every source's task fits on some node (see `_check_fits`)."""
+    _check_fits({f"sources[{i}] {s.name!r} (tensor_parallel_size {gpus_of(s)})": (gpus_of(s), cpus)
+                 for i, s in enumerate(recipe.sources)})
 
 
 def _worker_task(job: str, log: str) -> tuple[int, list[dict[str, Any]]]:
@@ -134,3 +138,37 @@ def source_launchers(recipe, address: str, parts: int = 1, cpus: float = 1) -> d
     connect(address)
     check_sources(recipe, cpus)
     return {s.name: worker_dispatcher(gpus_of(s), cpus, parts) for s in recipe.sources}
+
+
+def check_reward_scorer(address: str) -> None:
+    """Join the cluster and check a reward scorer (one GPU, one CPU) fits on a node."""
+    connect(address)
+    _check_fits({"scoring.reward_model (one scorer per task)": (1, 1)})
+
+
+def _reward_task(recipe_json: str, model_path: str, todo: list[tuple[list[dict], str]]) -> None:
+    from fusechat.scoring.stage import _reward_worker
+
+    todo = [(rows, p) for rows, p in todo if not Path(p).exists()]  # a retried task skips finished shards
+    if todo:
+        _reward_worker(0, recipe_json, model_path, todo, [None])  # the GPU Ray granted is the visible one
+
+
+def score_rewards(recipe, model_path: str, todo: list[tuple[list[dict], Path]]) -> None:
+    """Missing reward shards as Ray tasks of one GPU each, as many as the cluster has GPUs (at
+    least one), shards round-robin; each task writes its shards as the local path does."""
+    import ray
+
+    from fusechat.errors import IncompleteError
+
+    k = max(1, min(int(ray.cluster_resources().get("GPU", 0)), len(todo)))
+    remote = ray.remote(_reward_task).options(num_gpus=1, num_cpus=1, max_retries=TASK_RETRIES)
+    data = recipe.model_dump_json()
+    refs = [remote.remote(data, model_path, [(rows, str(p)) for rows, p in todo[i::k]]) for i in range(k)]
+    try:
+        ray.get(refs)
+    except ray.exceptions.RayError as e:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise IncompleteError(f"reward scoring on Ray stopped: {type(e).__name__}: {e}\n"
+                              "finished shards are kept and a rerun computes only the rest") from None

@@ -121,3 +121,31 @@ def test_ray_address_that_does_not_answer(tiny_models, tmp_path):
     assert f"Ray cluster at '{dead}' does not answer" in proc.stderr and "Traceback" not in proc.stderr
     assert seconds < 20, seconds
     assert not (tmp_path / "run").exists()
+
+
+def test_ray_scoring_gives_the_local_scores(ray_cluster, tiny_armorm, tmp_path, tmp_path_factory):
+    """Reward shards as Ray tasks of one GPU each (two here: the cluster's two GPU slots)."""
+    from test_score_stage import write_recipe, write_run
+
+    from fusechat.scoring.stage import run_score
+
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    for folder in (local, remote):
+        folder.mkdir()
+        write_run(folder / "run")
+    run_score(load_recipe(write_recipe(local, tiny_armorm)))
+    proc = subprocess.run([sys.executable, "-m", "fusechat", "score", str(write_recipe(remote, tiny_armorm)),
+                           "--ray-address", ray_cluster], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Ray marks each task's output in its worker's log: the rewards were computed in Ray tasks
+    logs = tmp_path_factory.getbasetemp().glob("ray*/tmp/session_latest/logs/worker-*.out")
+    assert any(":task_name:_reward_task" in p.read_text(errors="replace") for p in logs)
+    a, b = (pq.read_table(f / "run" / "scores" / "scores.parquet").to_pylist() for f in (local, remote))
+    assert len(a) == len(b) > 0 and any(r["reward"] is not None for r in a)
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if k not in ("reward", "objective_rewards")} == \
+            {k: v for k, v in y.items() if k not in ("reward", "objective_rewards")}
+        assert (x["reward"] is None) == (y["reward"] is None)
+        assert x["reward"] is None or abs(x["reward"] - y["reward"]) <= 1e-5
+    ma, mb = (json.loads((f / "run" / "scores" / "manifest.json").read_text()) for f in (local, remote))
+    assert (ma["rows_in"], ma["rows_out"], ma["dropped"]) == (mb["rows_in"], mb["rows_out"], mb["dropped"])

@@ -163,8 +163,15 @@ def _reward_worker(rank: int, recipe_json: str, model_path: str, todo: list, dev
 
 
 def _score_rewards(recipe: Recipe, model_path: str, todo: list[tuple[list[dict], Path]], progress,
-                   devices: list[str] | None = None) -> None:
-    """Missing reward shards; with several devices, one spawned process per device."""
+                   devices: list[str] | None = None, ray_address: str | None = None) -> None:
+    """Missing reward shards; with several devices, one spawned process per device; with a Ray
+    address, one Ray task per GPU of that cluster (fusechat.cluster)."""
+    if ray_address and todo:
+        from fusechat.cluster import score_rewards
+
+        score_rewards(recipe, model_path, todo)
+        progress(sum(len(rows) for rows, _ in todo))
+        return
     import torch
 
     if devices is None and torch.cuda.device_count() > 1:
@@ -249,10 +256,14 @@ def shard_plan(recipe: Recipe, inputs: Inputs, revision: str, shards_dir: Path):
         yield (rows, part, non_utf8, *_shard_paths(recipe, part, k // size, revision, shards_dir))
 
 
-def run_score(recipe: Recipe) -> Manifest:
+def run_score(recipe: Recipe, ray_address: str | None = None) -> Manifest:
     import pyarrow as pa
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    if ray_address:  # before anything starts: a cluster that cannot hold a scorer fails here
+        from fusechat.cluster import check_reward_scorer
+
+        check_reward_scorer(ray_address)
     manifest = Manifest.start(recipe, "scores")
     out_dir = stage_dir(recipe, "scores")
     shards_dir = out_dir / "shards"
@@ -277,7 +288,8 @@ def run_score(recipe: Recipe) -> Manifest:
         with Progress(*columns) as bar:
             if reward_todo:
                 task = bar.add_task("reward model", total=sum(len(p) for p, _ in reward_todo))
-                _score_rewards(recipe, model_path, reward_todo, lambda n=1: bar.advance(task, n))
+                _score_rewards(recipe, model_path, reward_todo, lambda n=1: bar.advance(task, n),
+                               ray_address=ray_address)
             if check_todo:
                 task = bar.add_task("math + code checks", total=sum(len(p) for p, _ in check_todo))
                 for rows, path in check_todo:
