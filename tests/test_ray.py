@@ -123,6 +123,13 @@ def test_ray_address_that_does_not_answer(tiny_models, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def _reward_tasks_run(tmp_path_factory) -> int:
+    """Ray marks each task's start in its worker's log."""
+    logs = tmp_path_factory.getbasetemp().glob("ray*/tmp/session_latest/logs/worker-*.out")
+    return sum(p.read_text(errors="replace").count(":task_name:_reward_task") for p in logs)
+
+
+@pytest.mark.slow
 def test_ray_scoring_gives_the_local_scores(ray_cluster, tiny_armorm, tmp_path, tmp_path_factory):
     """Reward shards as Ray tasks of one GPU each (two here: the cluster's two GPU slots)."""
     from test_score_stage import write_recipe, write_run
@@ -137,9 +144,7 @@ def test_ray_scoring_gives_the_local_scores(ray_cluster, tiny_armorm, tmp_path, 
     proc = subprocess.run([sys.executable, "-m", "fusechat", "score", str(write_recipe(remote, tiny_armorm)),
                            "--ray-address", ray_cluster], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Ray marks each task's output in its worker's log: the rewards were computed in Ray tasks
-    logs = tmp_path_factory.getbasetemp().glob("ray*/tmp/session_latest/logs/worker-*.out")
-    assert any(":task_name:_reward_task" in p.read_text(errors="replace") for p in logs)
+    assert _reward_tasks_run(tmp_path_factory) > 0  # the rewards were computed in Ray tasks
     a, b = (pq.read_table(f / "run" / "scores" / "scores.parquet").to_pylist() for f in (local, remote))
     assert len(a) == len(b) > 0 and any(r["reward"] is not None for r in a)
     for x, y in zip(a, b):
@@ -149,3 +154,18 @@ def test_ray_scoring_gives_the_local_scores(ray_cluster, tiny_armorm, tmp_path, 
         assert x["reward"] is None or abs(x["reward"] - y["reward"]) <= 1e-5
     ma, mb = (json.loads((f / "run" / "scores" / "manifest.json").read_text()) for f in (local, remote))
     assert (ma["rows_in"], ma["rows_out"], ma["dropped"]) == (mb["rows_in"], mb["rows_out"], mb["dropped"])
+
+
+@pytest.mark.slow
+def test_score_flow_on_ray(ray_cluster, prefect_server, tiny_armorm, tmp_path, tmp_path_factory):
+    from test_score_stage import write_recipe, write_run
+
+    write_run(tmp_path / "run")
+    before = _reward_tasks_run(tmp_path_factory)
+    proc = subprocess.run([sys.executable, "flows/score_responses.py", str(write_recipe(tmp_path, tiny_armorm)),
+                           "--ray-address", ray_cluster], env=prefect_server, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run" / "scores" / "manifest.json").read_text())
+    assert manifest["rows_in"] == manifest["rows_out"] + sum(manifest["dropped"].values()) > 0
+    assert _reward_tasks_run(tmp_path_factory) > before
