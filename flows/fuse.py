@@ -15,7 +15,7 @@ from dataclasses import asdict
 from prefect import flow, task
 
 from fusechat.recipe import load_recipe
-from fusechat.stages import PIPELINE, STAGES
+from fusechat.stages import STAGES
 
 
 @task(task_run_name="{stage}")
@@ -25,8 +25,12 @@ def stage_task(stage: str, recipe: str, run_dir: str | None = None) -> dict:
 
 @flow(name="fuse")
 def fuse(recipe: str, run_dir: str | None = None, stages: list[str] | None = None) -> dict:
-    """`stages` defaults to every stage in order; name a subset to run only those."""
-    return {stage: stage_task(stage, recipe, run_dir) for stage in stages or list(PIPELINE)}
+    """`stages` defaults to every stage in order (a data recipe: its data stages); name a subset to
+    run only those."""
+    from fusechat.pipeline import stages_for
+
+    stages = stages or list(stages_for(load_recipe(recipe, run_dir=run_dir)))
+    return {stage: stage_task(stage, recipe, run_dir) for stage in stages}
 
 
 def deployments() -> list:

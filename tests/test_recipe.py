@@ -370,3 +370,12 @@ def test_every_recipe_field_is_documented_and_docs_recipe_md_is_current():
         "docs/recipe.md is out of date: fusechat recipe docs > docs/recipe.md")
     out = _cli("recipe", "docs")
     assert out.returncode == 0 and out.stdout == reference_markdown()
+
+
+def test_fusechat_run_of_a_data_recipe_runs_the_data_stages(tmp_path):
+    from fusechat.pipeline import stages_for
+    from fusechat.stages import PIPELINE
+
+    data = load_recipe(ROOT / "recipes" / "fusechat-3.0-data.yaml", check_paths=False)
+    assert stages_for(data) == ("prompts", "sample", "score", "build", "publish")
+    assert stages_for(load_recipe(ROOT / "recipes" / "llama-3.1-8b.yaml", check_paths=False)) == PIPELINE
