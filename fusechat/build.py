@@ -485,14 +485,18 @@ def _texts(rows, path: Path) -> pa.Array:
     file = pq.ParquetFile(path)
     if "text" not in file.schema_arrow.names:
         raise InputError(path, "missing column text of the responses table (docs/architecture.md)")
-    parts, start = [], 0
-    for g in range(file.num_row_groups):
-        n = file.metadata.row_group(g).num_rows
-        lo, hi = np.searchsorted(wanted, [start, start + n])
+    sizes = np.array([file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)], dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(sizes)))
+    # row groups in runs of about 2^17 rows (a few hundred MB of text), each run read at once
+    run_of = starts[:-1] // (1 << 17)
+    parts = []
+    for run in np.unique(run_of):
+        groups = np.flatnonzero(run_of == run)
+        lo_row, hi_row = starts[groups[0]], starts[groups[-1] + 1]
+        lo, hi = np.searchsorted(wanted, [lo_row, hi_row])
         if hi > lo:
-            column = file.read_row_group(g, columns=["text"]).column(0)
-            parts.append(column.take(pa.array(wanted[lo:hi] - start)).combine_chunks().cast(pa.string()))
-        start += n
+            column = file.read_row_groups(groups.tolist(), columns=["text"]).column(0)
+            parts.append(column.take(pa.array(wanted[lo:hi] - lo_row)).combine_chunks().cast(pa.string()))
     got = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
     back = np.empty(len(rows), dtype=np.int64)
     back[order] = np.arange(len(rows))
@@ -555,27 +559,34 @@ def output_tables(sel: Selection, prompts_t: pa.Table, responses_t: pa.Table, re
     """TRL conversational tables: {"sft/train": ..., "sft/test": ..., "dpo/train": ..., "dpo/test": ...}."""
     import pyarrow as pa
 
+    import numpy as np
+
     r = resp["r"].to_numpy()
     meta = prompts_t.select(["prompt_id", "dataset", "domain"])
+    frames = {split: (sel.sft[sel.sft["split"] == split], sel.dpo[sel.dpo["split"] == split])
+              for split in ("train", "test")}
+    # every selected text in one pass over the responses table
+    wanted = {(split, col): r[(s if col == "response" else d)[col].to_numpy()]
+              for split, (s, d) in frames.items() for col in ("response", "chosen", "rejected")}
+    ends = np.cumsum([len(v) for v in wanted.values()])
+    every = _texts(np.concatenate(list(wanted.values())), responses_path)
+    got = {key: every.slice(end - len(v), len(v)) for (key, v), end in zip(wanted.items(), ends)}
     out: dict[str, pa.Table] = {}
-    for split in ("train", "test"):
-        s = sel.sft[sel.sft["split"] == split]
+    for split, (s, d) in frames.items():
         prompt_rows = s["prompt"].to_numpy()
         m = meta.take(pa.array(prompt_rows, pa.int64()))
-        msgs = _conversation(_prompt_messages(prompts_t, prompt_rows),
-                             _texts(r[s["response"].to_numpy()], responses_path))
+        msgs = _conversation(_prompt_messages(prompts_t, prompt_rows), got[split, "response"])
         out[f"sft/{split}"] = pa.table({
             "messages": msgs, "prompt_id": m["prompt_id"], "dataset": m["dataset"], "domain": m["domain"],
             "source_model": pa.array(s["source"].to_numpy(), pa.string()),
             "score": pa.array(s["score"].to_numpy(), pa.float64()),
         })
-        d = sel.dpo[sel.dpo["split"] == split]
         prompt_rows = d["prompt"].to_numpy()
         m = meta.take(pa.array(prompt_rows, pa.int64()))
         out[f"dpo/{split}"] = pa.table({
             "prompt": _prompt_messages(prompts_t, prompt_rows),
-            "chosen": _assistant(_texts(r[d["chosen"].to_numpy()], responses_path)),
-            "rejected": _assistant(_texts(r[d["rejected"].to_numpy()], responses_path)),
+            "chosen": _assistant(got[split, "chosen"]),
+            "rejected": _assistant(got[split, "rejected"]),
             "prompt_id": m["prompt_id"], "dataset": m["dataset"], "domain": m["domain"],
             "source_model": pa.array(d["source"].to_numpy(), pa.string()),
             "chosen_score": pa.array(d["chosen_score"].to_numpy(), pa.float64()),
