@@ -157,13 +157,21 @@ def test_ray_scoring_gives_the_local_scores(ray_cluster, tiny_armorm, tmp_path, 
 
 
 @pytest.mark.slow
-def test_score_flow_on_ray(ray_cluster, prefect_server, tiny_armorm, tmp_path, tmp_path_factory):
+def test_score_flow_on_ray(ray_cluster, tiny_armorm, tmp_path, tmp_path_factory):
+    """The flow on a temporary Prefect server of its own: the shared one counts its score runs."""
+    import os
+
     from test_score_stage import write_recipe, write_run
+
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_MEMO_STORE_PATH=str(home / "memo_store.toml"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
 
     write_run(tmp_path / "run")
     before = _reward_tasks_run(tmp_path_factory)
     proc = subprocess.run([sys.executable, "flows/score_responses.py", str(write_recipe(tmp_path, tiny_armorm)),
-                           "--ray-address", ray_cluster], env=prefect_server, capture_output=True, text=True,
+                           "--ray-address", ray_cluster], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "run" / "scores" / "manifest.json").read_text())
