@@ -32,8 +32,13 @@ def demo_run(tmp_path_factory):
         lines = (EVAL / f"{domain}.jsonl").read_text().splitlines()[:EVAL_PER_DOMAIN]
         (held_out / f"{domain}.jsonl").write_text("\n".join(lines) + "\n")
     recipe = folder / "recipe.yaml"
+    # the demo recipe itself, not `extends`: its eval block is replaced, not merged (vLLM's engine
+    # options are no transformers options); its model paths made absolute
+    demo = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    for block in (*demo["sources"], demo["scoring"]["reward_model"], demo["target"]):
+        block["model"] = str((ROOT / "recipes" / block["model"]).resolve())
     recipe.write_text(yaml.safe_dump({
-        "extends": str(ROOT / "recipes" / "demo.yaml"),
+        **demo,
         "name": NAME,
         "run_dir": "run",
         "datasets": [
@@ -43,9 +48,9 @@ def demo_run(tmp_path_factory):
         ],
         # the target models only, through transformers: the sources' rows and vLLM evaluation are
         # covered by the eval stage's own tests, and this keeps three engine starts out of CI
-        "eval": {"files": {"demo": "eval"}, "sources": False, "engine": "transformers",
+        "eval": {**demo["eval"], "files": {"demo": "eval"}, "sources": False, "engine": "transformers",
                  "engine_options": {"batch_size": 40}},
-    }))
+    }, allow_unicode=True))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     p = subprocess.run([sys.executable, "-m", "fusechat", "run", str(recipe)], cwd=folder, env=env,
                        capture_output=True, text=True, timeout=1500)
