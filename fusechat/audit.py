@@ -305,13 +305,13 @@ def audit_run(run: Path) -> tuple[dict, pd.DataFrame]:
     """The audit of a built run directory (prompts, responses, scores, datasets/decisions)."""
     from fusechat.tables import DECISIONS, PROMPTS, RESPONSES, SCORES, read
 
-    prompts = read(PROMPTS, run / "prompts" / "prompts.parquet", ["prompt_id", "meta"])
+    prompts = read(PROMPTS, run / "prompts" / "prompts.parquet", ["prompt_id", "meta"], only=True)
     # the texts (gigabytes at the recipe's volume) only where some prompt carries an exact answer
     texts = ["text"] if expected_answers(prompts) else []
     responses = read(RESPONSES, run / "responses" / "responses.parquet",
                      ["response_id", "completion_tokens", *texts], only=True)
-    scores = read(SCORES, run / "scores" / "scores.parquet",
-                  ["response_id", "prompt_id", "source", "domain", "reward", "check_status"])
+    scores = read(SCORES, run / "scores" / "scores.parquet",  # not the 19 objective rewards per row
+                  ["response_id", "prompt_id", "source", "domain", "reward", "check_status"], only=True)
     decisions = read(DECISIONS, run / "datasets" / "decisions.parquet").to_pandas()
     return compute(prompts, scores, responses, decisions)
 
