@@ -68,6 +68,7 @@ class Inputs:
     prompts: dict[str, dict[str, Any]]
     kept: np.ndarray  # table rows kept, in table order (the order of scores.parquet)
     domain: np.ndarray  # per table row: its prompt's domain (None when the prompt is unknown)
+    _starts: np.ndarray | None = None  # first row of each chunk of the text column
 
     def column(self, name: str, rows) -> list:
         import pyarrow as pa
@@ -76,6 +77,29 @@ class Inputs:
             return self.domain[rows].tolist()
         return self.table.column(name).take(pa.array(rows, pa.int64())).to_pylist()
 
+    def texts(self, rows) -> pa.Array:
+        """The texts of the given table rows, as bytes. Taken chunk by chunk: the column has one
+        chunk per row group (a sampling shard), and a take across all chunks at once would join
+        them all first, for every shard."""
+        import numpy as np
+        import pyarrow as pa
+
+        column = self.table.column("text")
+        if self._starts is None:
+            self._starts = np.cumsum([0] + [len(c) for c in column.chunks])[:-1]
+        rows = np.asarray(rows, dtype=np.int64)
+        chunk = np.searchsorted(self._starts, rows, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        parts = []
+        for group in np.split(order, np.flatnonzero(np.diff(chunk[order])) + 1):
+            if len(group):
+                c = int(chunk[group[0]])
+                parts.append(column.chunk(c).take(pa.array(rows[group] - self._starts[c])).cast(pa.binary()))
+        got = pa.concat_arrays(parts) if parts else pa.array([], pa.binary())
+        back = np.empty(len(rows), dtype=np.int64)
+        back[order] = np.arange(len(rows))
+        return got.take(pa.array(back))
+
     def rows(self, rows) -> tuple[list[dict[str, Any]], int]:
         """The given table rows as dicts with text and prompt fields, and how many texts were not
         valid UTF-8 (decoded with replacement characters)."""
@@ -83,7 +107,7 @@ class Inputs:
 
         idx = pa.array(rows, pa.int64())
         # read text as bytes: a writer that put non-UTF-8 bytes in the column must not stop the stage
-        raw_text = self.table.column("text").take(idx).cast(pa.binary()).to_pylist()
+        raw_text = self.texts(rows).to_pylist()
         meta = self.table.select(["response_id", "prompt_id", "source", "truncated"]).take(idx).to_pylist()
         out, non_utf8 = [], 0
         for r, raw in zip(meta, raw_text):
@@ -109,10 +133,14 @@ def load_inputs(recipe: Recipe, manifest: Manifest) -> Inputs:
     whose prompt_id is not in the prompt table are dropped by reason, bad tables rejected."""
     import numpy as np
     import pandas as pd
+    import pyarrow as pa
 
     run = recipe.run_path()
     prompts = _load_prompts(run / "prompts" / "prompts.parquet")
     table = read(RESPONSES, run / "responses" / "responses.parquet", RESPONSE_COLUMNS, only=True)
+    # one chunk per column except the texts (gigabytes, kept as read): takes per shard stay cheap
+    table = pa.table({c: table.column(c) if c == "text" else table.column(c).combine_chunks()
+                      for c in table.column_names})
     manifest.rows_in = table.num_rows
     frame = pd.DataFrame({"rid": table.column("response_id").to_pandas(),
                           "pid": table.column("prompt_id").to_pandas()})
