@@ -233,8 +233,11 @@ def read(table: Table, path: Path, columns: Sequence[str] | None = None, only: b
         raise InputError(path, f"missing; run {_writer(table)} first")
     try:
         if only and columns is not None:
-            present = set(pq.read_schema(path).names)
-            data = pq.read_table(path, columns=[c for c in columns if c in present])
+            # row group by row group: reading a file whole buffers a third more than it returns
+            file = pq.ParquetFile(path)
+            cols = [c for c in columns if c in set(file.schema_arrow.names)]
+            data = pa.concat_tables([file.read_row_group(g, columns=cols) for g in range(file.num_row_groups)]
+                                    or [file.schema_arrow.empty_table().select(cols)])
         else:
             data = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
