@@ -128,21 +128,14 @@ def _ok(x) -> bool:
 
 
 # -- the checks ----------------------------------------------------------------------------------
-def _render(tok, family: str, date: str, messages=SAMPLE, generation: bool = True) -> list[int]:
-    from fusechat.sampling.render import render_ids
-
-    if generation:
-        return render_ids(tok, messages[:-1], family, template_kwargs(date))
-    return list(tok.apply_chat_template(template_messages(messages, family), tokenize=True, return_dict=False,
-                                        **template_kwargs(date)))
-
-
 def _template_checks(label: str, tok, family: str, date: str) -> list[Check]:
     out = []
     known = identify(template_text(tok))
     name = f"{known.name} ({known.models})" if known else "not one of the known templates"
     try:
-        ids = _render(tok, family, date)
+        from fusechat.sampling.render import render_ids
+
+        ids = render_ids(tok, SAMPLE[:-1], family, template_kwargs(date))
     except Exception as e:  # noqa: BLE001 - a template that raises is the finding
         return [Check(label, "chat template", "fail", f"does not render a system + user chat: {e}",
                       f"check the template, or the recipe's family ({family})")]

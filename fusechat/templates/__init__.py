@@ -110,10 +110,6 @@ def identify(template: str | None) -> KnownTemplate | None:
     return None
 
 
-def known_list() -> str:
-    return "; ".join(f"{k.name} ({k.models})" for k in KNOWN)
-
-
 def template_kwargs(date: str = DEFAULT_DATE) -> dict[str, Any]:
     """Extra variables every render passes: the date of templates that print one. Templates that
     print none ignore it."""
@@ -171,7 +167,7 @@ def training_template(tokenizer, model_ref: str, family: str) -> TrainingTemplat
     raise TemplateError(
         f"{model_ref} (family {family}): its chat template has no {{% generation %}} markers and is not one "
         f"fusechat or TRL can patch. Tried: the template's own markers; an exact match with the known "
-        f"templates ({known_list()}); TRL's get_training_chat_template. Fix: put {{% generation %}} ... "
+        f"templates ({'; '.join(f'{k.name} ({k.models})' for k in KNOWN)}); TRL's get_training_chat_template. Fix: put {{% generation %}} ... "
         "{% endgeneration %} around each assistant message's content and its end-of-turn token in the "
         "template, or set sft.assistant_only_loss: false to train on whole conversations"
     )
