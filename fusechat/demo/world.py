@@ -24,7 +24,10 @@ import random
 from pathlib import Path
 from typing import Any, Iterator
 
-DOMAINS = ("math", "code", "instruction", "chinese")
+from fusechat.eval.sets import DEMO_DOMAINS
+
+# fusechat.tables.DOMAINS in the order the seeded draws below go through them (see DEMO_DOMAINS)
+DOMAINS = DEMO_DOMAINS
 SPLITS = ("train", "eval")
 # prompts per domain; the pools below hold enough distinct texts for both splits
 SIZES = {"train": 400, "eval": 80}

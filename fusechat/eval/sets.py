@@ -22,12 +22,18 @@ from typing import Any, Callable
 
 from fusechat.errors import InputError
 from fusechat.recipe import Recipe
+from fusechat.tables import DOMAINS
 
 # The published evaluation's math instruction (Qwen2.5-Math harness), after the problem.
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # EvalPlus's instruction for chat models.
 HUMANEVAL_INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
+# The pipeline's DOMAINS in the demo world's order. The demo's eval columns come in this order, and
+# `fusechat.demo.world` (which takes it from here) draws its seeded prompts and answer pairs going
+# through the domains in it: another order would change every demo file and result. The members
+# are the pipeline's, checked here so that a domain added to fusechat.tables fails at import.
 DEMO_DOMAINS = ("math", "code", "instruction", "chinese")
+assert sorted(DEMO_DOMAINS) == sorted(DOMAINS), f"demo domains {DEMO_DOMAINS} are not fusechat.tables.DOMAINS {DOMAINS}"
 
 
 EvalDataError = InputError  # an evaluation file that cannot be used (the name earlier versions raised)
