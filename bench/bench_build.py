@@ -25,9 +25,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusechat.build import BAD, BAND_EPS, GOOD, NO_GOOD_REASON, SFT_ONLY, load_inputs, select, unit_hash  # noqa: E402
+from fusechat.build import BAND_EPS, NO_GOOD_REASON, SFT_ONLY, load_inputs, select, unit_hash  # noqa: E402
 from fusechat.recipe import Recipe  # noqa: E402
 from fusechat.run import write_table  # noqa: E402
+from fusechat.tables import RIGHT, WRONG  # noqa: E402
 
 DOMAIN_SHARE = {"instruction": 0.5, "math": 0.25, "code": 0.15, "chinese": 0.1}
 STATUS_SHARE = {
@@ -105,7 +106,7 @@ def loop_select(run: Path, build, source_order: list[str], limit: int | None) ->
         pid, dom = pr["prompt_id"], pr["domain"]
         rows = by_prompt[pid]
         elig = [r for r in rows if r["reward"] is not None and not (build.drop_truncated and r["truncated"])]
-        good = [r for r in elig if dom not in GOOD or r["check_status"] in GOOD[dom]]
+        good = [r for r in elig if dom not in RIGHT or r["check_status"] in RIGHT[dom]]
         best = min(good, key=lambda r: (-r["reward"], r["srank"], r["sample_index"], r["response_id"]), default=None)
         pairs = []
         if dom not in SFT_ONLY:
@@ -113,11 +114,11 @@ def loop_select(run: Path, build, source_order: list[str], limit: int | None) ->
             for r in elig:
                 per_source[r["srank"]].append(r)
             for srank, group in per_source.items():
-                cands = [r for r in group if dom not in GOOD or r["check_status"] in GOOD[dom]]
+                cands = [r for r in group if dom not in RIGHT or r["check_status"] in RIGHT[dom]]
                 if not cands:
                     continue
                 c = min(cands, key=lambda r: (-r["reward"], r["sample_index"], r["response_id"]))
-                pool = [r for r in group if r is not c and (dom == "instruction" or r["check_status"] in BAD[dom])]
+                pool = [r for r in group if r is not c and (dom == "instruction" or r["check_status"] in WRONG[dom])]
                 if not pool:
                     continue
                 w = min(pool, key=lambda r: (r["reward"], r["sample_index"], r["response_id"]))

@@ -6,8 +6,8 @@ right from wrong therefore fills the instruction sets with wrong answers, and no
 pipeline shows it. The audit, computed on every build, measures it.
 
 Truth per response, where a checker knows it: math `correct` is right, `incorrect`/`unparseable`
-wrong; code `pass` right, `fail`/`timeout` wrong (the build's own rules, `fusechat.build.GOOD` and
-`BAD`); a prompt whose meta carries one exact answer (`expected`, the demo world's instruction and
+wrong; code `pass` right, `fail`/`timeout` wrong (the build's own rules, `fusechat.tables.RIGHT` and
+`WRONG`); a prompt whose meta carries one exact answer (`expected`, the demo world's instruction and
 Chinese rows) is judged by `fusechat.scoring.checks.exact_answer`. Everything else is unknown and
 takes no part in the judged figures.
 
@@ -41,6 +41,8 @@ import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from fusechat.tables import DECISIONS, PROMPTS, RESPONSES, RIGHT, SCORES, WRONG, read
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,13 +91,11 @@ def truth_of(domain: np.ndarray, status: np.ndarray, exact: np.ndarray) -> np.nd
     NaN where the prompt carries no exact answer."""
     import numpy as np
 
-    from fusechat.build import BAD, GOOD
-
     truth = np.array(exact, dtype=np.float64, copy=True)
-    for dom in GOOD:
+    for dom in RIGHT:  # the math and code domains get the check of their name
         in_dom = domain == dom
-        truth[in_dom & np.isin(status, GOOD[dom])] = 1.0
-        truth[in_dom & np.isin(status, BAD[dom])] = 0.0
+        truth[in_dom & np.isin(status, RIGHT[dom])] = 1.0
+        truth[in_dom & np.isin(status, WRONG[dom])] = 0.0
     return truth
 
 
@@ -193,8 +193,6 @@ def judged_table(frame: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
     """The judged figures per domain, for all sources together and for each source."""
     import pandas as pd
 
-    from fusechat.build import GOOD
-
     parts = []
     for by in (["domain"], ["domain", "source"]):
         j = judged_by(frame, by)
@@ -205,7 +203,7 @@ def judged_table(frame: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
         parts.append(t)
     t = pd.concat(parts, ignore_index=True)
     t = t[t["prompts"].fillna(0) > 0].copy()  # only where a checker knows the truth
-    t.insert(2, "decided_by", ["checker" if d in GOOD else "reward model" for d in t["domain"]])
+    t.insert(2, "decided_by", ["checker" if d in RIGHT else "reward model" for d in t["domain"]])
     for c in ("prompts", "prompts_right", "competing", "pairs", "sft_rows", "sft_right", "sft_known",
               "dpo_pairs", "dpo_chosen_right", "dpo_rejected_right", "dpo_known"):
         t[c] = t[c].fillna(0).astype("int64")
@@ -303,8 +301,6 @@ def compute(prompts: pa.Table, scores: pa.Table, responses: pa.Table,
 
 def audit_run(run: Path) -> tuple[dict, pd.DataFrame]:
     """The audit of a built run directory (prompts, responses, scores, datasets/decisions)."""
-    from fusechat.tables import DECISIONS, PROMPTS, RESPONSES, SCORES, read
-
     prompts = read(PROMPTS, run / "prompts" / "prompts.parquet", ["prompt_id", "meta"], only=True)
     # the texts (gigabytes at the recipe's volume) only where some prompt carries an exact answer
     texts = ["text"] if expected_answers(prompts) else []

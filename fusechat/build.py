@@ -42,7 +42,7 @@ from fusechat import audit as rm_audit
 from fusechat.errors import InputError
 from fusechat.recipe import RecipeError
 from fusechat.run import Manifest, atomic_write_bytes, stage_dir, write_table
-from fusechat.tables import CHECK_STATUSES, DECISIONS, DOMAINS, DPO, PROMPTS, RESPONSES, SCORES, SFT, read
+from fusechat.tables import CHECK_STATUSES, DECISIONS, DOMAINS, DPO, PROMPTS, RESPONSES, RIGHT, SCORES, SFT, WRONG, read
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,8 +51,6 @@ if TYPE_CHECKING:
 
     from fusechat.recipe import Build, Recipe
 
-GOOD = {"math": ("correct",), "code": ("pass",)}
-BAD = {"math": ("incorrect", "unparseable"), "code": ("fail", "timeout")}
 NO_GOOD_REASON = {"math": "no_correct_response", "code": "no_passing_response"}
 SFT_ONLY = ("chinese",)
 # Margins are differences of float32 rewards (resolution ~1e-7): without a tolerance, 0.61 - 0.51
@@ -176,10 +174,10 @@ def eligibility(r: Responses, build: Build) -> Eligibility:
     }, index=pd.Index(r.source_names, name="source")).sort_index()
     good = eligible.copy()
     bad = np.zeros_like(eligible)
-    for dom, statuses in GOOD.items():
+    for dom, statuses in RIGHT.items():  # the math and code domains get the check of their name
         in_dom = r.in_domain([dom])
         good[in_dom] &= r.status_in(statuses, in_dom)
-        bad[in_dom] = eligible[in_dom] & r.status_in(BAD[dom], in_dom)
+        bad[in_dom] = eligible[in_dom] & r.status_in(WRONG[dom], in_dom)
     return Eligibility(eligible, good, bad, excluded)
 
 

@@ -27,6 +27,13 @@ CODE_STATUSES = ("pass", "fail", "timeout", "error")
 # every value of scores.parquet `check_status`: `none` where no check applies
 CHECK_STATUSES = tuple(dict.fromkeys(("none", *MATH_STATUSES, *CODE_STATUSES)))
 CHECKS = ("none", "math", "code")
+# What a status says of the response, per check (scores.parquet `check`): right, wrong, or neither.
+# Neither: `error` (the checker broke) and a math `timeout` (the checker's time limit, not a fault
+# of the answer); a code `timeout` is the program's own (an endless loop), so it is wrong. The
+# build gates SFT winners and DPO pairs by these, the audit takes them as the truth, eval counts
+# RIGHT as correct and everything else as not.
+RIGHT = {"math": ("correct",), "code": ("pass",)}
+WRONG = {"math": ("incorrect", "unparseable"), "code": ("fail", "timeout")}
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fusechat.eval.sets import DEMO_DOMAINS
+from fusechat.tables import RIGHT
 
 # fusechat.tables.DOMAINS in the order the seeded draws below go through them (see DEMO_DOMAINS)
 DOMAINS = DEMO_DOMAINS
@@ -313,7 +314,7 @@ def evaluate_response(domain: str, prompt_row: dict[str, Any], response_text: st
     if domain == "math":
         from fusechat.scoring.math_check import check_answer
 
-        return check_answer(str(prompt_row["gold_answer"]), response_text).status == "correct"
+        return check_answer(str(prompt_row["gold_answer"]), response_text).status in RIGHT["math"]
     if domain == "code":
         from fusechat.scoring.code_check import extract_code, static_problems
         from fusechat.scoring.sandbox import Check, Sandbox
@@ -323,9 +324,9 @@ def evaluate_response(domain: str, prompt_row: dict[str, Any], response_text: st
             return False
         check = Check(code=code, tests=list(prompt_row["tests"]))
         if sandbox is not None:
-            return sandbox.run(check).status == "pass"
+            return sandbox.run(check).status in RIGHT["code"]
         with Sandbox(workers=1, timeout_s=5.0, memory_mb=512) as box:
-            return box.run(check).status == "pass"
+            return box.run(check).status in RIGHT["code"]
     if domain in ("instruction", "chinese"):
         from fusechat.scoring.checks import exact_answer
 

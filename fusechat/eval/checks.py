@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from fusechat.eval.sets import Item, response_code
 from fusechat.recipe import Recipe
 from fusechat.scoring.checks import Checkers, exact_answer
+from fusechat.tables import RIGHT, WRONG
 
-CORRECT = ("correct", "pass")
+# a benchmark counts only a verified answer: a checker's timeout or error is not correct either
+CORRECT = tuple(status for statuses in RIGHT.values() for status in statuses)
+# the exact check's verdicts, in the math checker's words
+EXACT_RIGHT, EXACT_WRONG = RIGHT["math"][0], WRONG["math"][0]
 
 
 @dataclass
@@ -39,7 +43,7 @@ def check_all(recipe: Recipe, pairs: list[tuple[Item, str]], progress=None,
     code_idx = [i for i, (item, _) in enumerate(pairs) if item.check == "code"]
     for i, (item, text) in enumerate(pairs):
         if item.check == "exact":
-            out[i] = Verdict("correct" if exact_answer(item.expected, text) else "incorrect")
+            out[i] = Verdict(EXACT_RIGHT if exact_answer(item.expected, text) else EXACT_WRONG)
         elif item.check == "none":
             out[i] = Verdict("none")
         if out[i] is not None and progress:
