@@ -47,6 +47,7 @@ def make_run(run: Path, n_prompts: int, n_sources: int, n_samples: int, seed: in
     write_table(pa.table({
         "prompt_id": pids, "dataset": np.array([f"{d}-set" for d in domains], dtype=object), "domain": domains,
         "messages": [[{"role": "user", "content": f"prompt {i}"}] for i in range(n_prompts)],
+        "meta": ["{}"] * n_prompts,  # the audit reads it for exact answers (none here)
     }), run / "prompts" / "prompts.parquet")
 
     per_prompt = n_sources * n_samples
@@ -68,6 +69,7 @@ def make_run(run: Path, n_prompts: int, n_sources: int, n_samples: int, seed: in
     write_table(pa.table({
         "response_id": rid, "prompt_id": pids[p], "source": sources, "model_revision": ["r1"] * n,
         "sample_index": sample, "text": [f"t{i}" for i in range(n)], "truncated": truncated,
+        "completion_tokens": (np.arange(n) % 200 + 1).astype(np.int32),  # the audit's length figures
     }), run / "responses" / "responses.parquet")
     write_table(pa.table({
         "response_id": rid, "prompt_id": pids[p], "source": sources, "domain": rdom, "reward": reward_arr,
