@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,22 @@ def test_truncated_scores_table_is_named(tmp_path):
     line = _one_line_exit_2(_fusechat("build", str(recipe)))
     assert line.startswith(f"{scores}: cannot be read as a scores table") and "run `fusechat score` again" in line
     assert (tmp_path / "run" / "responses" / "responses.parquet").exists()  # nothing else touched
+
+
+def test_truncated_reward_checkpoint_is_named(tmp_path, tiny_armorm):
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny_armorm, rm)
+    weights = rm / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted download
+    recipe = _recipe(tmp_path)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["scoring"]["reward_model"]["model"] = str(rm)
+    recipe.write_text(yaml.safe_dump(spec))
+    _scored_run(tmp_path / "run")
+    (tmp_path / "run" / "scores" / "scores.parquet").unlink()
+    line = _one_line_exit_2(_fusechat("score", str(recipe)))
+    assert line.startswith(f"{weights}: not a complete safetensors file"), line
+    assert not (tmp_path / "run" / "scores" / "scores.parquet").exists()
 
 
 def test_malformed_json_line_in_a_prompt_file_is_named_with_its_line(tmp_path):

@@ -3,6 +3,8 @@ the generic sequence-classification path."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 
 import pytest
@@ -236,19 +238,58 @@ def test_overlong_inputs_truncated_or_skipped(tiny_armorm, scorer):
     assert c.score is None and "prompt alone exceeds" in c.detail
 
 
-def test_checkpoint_key_mismatch_is_named(tiny_armorm, tmp_path):
+def _mismatched_keys(bad):
     from safetensors.torch import load_file, save_file
 
-    from fusechat.scoring.armorm import load_armorm
-
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_armorm, bad)
     w = load_file(str(bad / "model.safetensors"))
     del w["gating.logit_scale"]
     w["score.weight"] = torch.zeros(1, 4)
     save_file(w, str(bad / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"missing key\(s\) \['gating.logit_scale'\].*unexpected key\(s\) \['score.weight'\]"):
+    return "model.safetensors", r"missing key\(s\) \['gating.logit_scale'\].*unexpected key\(s\) \['score.weight'\]"
+
+
+def _truncated(bad):
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted download
+    return "model.safetensors", "not a complete safetensors file"
+
+
+def _shard_missing(bad):
+    (bad / "model.safetensors").rename(bad / "model-00001-of-00002.safetensors")
+    (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    return "model.safetensors.index.json", "lists model-00002-of-00002.safetensors, which is not in the folder"
+
+
+def _no_config(bad):
+    (bad / "config.json").unlink()
+    return "config.json", "missing"
+
+
+def _other_architecture(bad):
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    return "config.json", "architectures \\['LlamaForCausalLM'\\], expected 'LlamaForRewardModelWithGating'"
+
+
+@pytest.mark.parametrize("breaks", [_mismatched_keys, _truncated, _shard_missing, _no_config, _other_architecture])
+def test_a_bad_checkpoint_is_an_input_error_naming_its_file(tiny_armorm, tmp_path, breaks):
+    from fusechat.errors import InputError
+    from fusechat.scoring.armorm import load_armorm
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_armorm, bad)
+    name, why = breaks(bad)
+    with pytest.raises(InputError, match=f"^{re.escape(str(bad / name))}: .*{why}") as e:
         load_armorm(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_a_folder_without_a_tokenizer_is_an_input_error(tmp_path):
+    from fusechat.errors import InputError
+
+    with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path))}: no tokenizer can be loaded"):
+        RewardScorer(str(tmp_path), device="cpu")
 
 
 def test_dtype_auto():

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fusechat.errors import FusechatError
+from fusechat.errors import InputError
 
 OBJECTIVES = (
     "helpsteer-helpfulness", "helpsteer-correctness", "helpsteer-coherence", "helpsteer-complexity",
@@ -312,8 +312,9 @@ class PackedBatch:
         return PackedBatch(ids, pos, reward_at, gating_at, gather, home, cu, self.longest, self.kernel)
 
 
-class CheckpointError(FusechatError, ValueError):
-    """A reward-model folder that is not in ArmoRM's layout; names the file and the keys."""
+# A reward-model folder that is not in ArmoRM's layout or cannot be read: bad input like any other
+# (the CLI's one line naming the file, exit 2); the name earlier versions raised.
+CheckpointError = InputError
 
 
 def gating_pattern_ids(tokenizer) -> list[int]:
@@ -338,20 +339,34 @@ def find_gating_position(ids: list[int], pattern: list[int]) -> int:
     )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The checkpoint's tensors, and the file that lists them (the index, or the one weights file)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(index, f"not a safetensors index with a weight_map ({type(e).__name__}: {e})") from None
+        listed = index
     elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        files, listed = ["model.safetensors"], path / "model.safetensors"
     else:
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        raise CheckpointError(path, "no model.safetensors or model.safetensors.index.json")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(path / f)))
-    return state
+        if not (path / f).is_file():
+            raise CheckpointError(index, f"lists {f}, which is not in the folder")
+        try:
+            state.update(load_file(str(path / f)))
+        except SafetensorError as e:
+            why = str(e).removeprefix("Error while deserializing header: ")
+            raise CheckpointError(path / f, f"not a complete safetensors file ({why}): an incomplete download or copy?") from None
+        except OSError as e:
+            raise CheckpointError(path / f, f"cannot be read ({e.strerror or e})") from None
+    return state, listed
 
 
 def load_armorm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ArmoRM:
@@ -359,20 +374,26 @@ def load_armorm(path: str | Path, dtype: torch.dtype = torch.float32, device: st
     from transformers import LlamaConfig
 
     path = Path(path)
-    config = LlamaConfig.from_pretrained(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():  # transformers would fall back to a default config without one
+        raise CheckpointError(config_file, "missing: a reward-model folder holds its config.json")
+    try:
+        config = LlamaConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(config_file, f"cannot be read ({str(e).splitlines()[0]})") from None
     if ARCHITECTURE not in (config.architectures or []):
-        raise CheckpointError(f"{path}/config.json: architectures {config.architectures}, expected {ARCHITECTURE!r}")
+        raise CheckpointError(config_file, f"architectures {config.architectures}, expected {ARCHITECTURE!r}")
     for key in ("num_objectives", "gating_temperature", "gating_hidden_dim", "gating_n_hidden"):
         if not hasattr(config, key):
-            raise CheckpointError(f"{path}/config.json: missing ArmoRM field {key!r}")
+            raise CheckpointError(config_file, f"missing ArmoRM field {key!r}")
     with torch.device("meta"):  # no random initialisation of 8B parameters that are overwritten anyway
         model = ArmoRM(config)
-    state = _read_state_dict(path)
+    state, listed = _read_state_dict(path)
     expected = set(model.state_dict())
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:
         raise CheckpointError(
-            f"{path}: checkpoint does not match the ArmoRM layout: "
+            listed, "checkpoint does not match the ArmoRM layout: "
             f"{len(missing)} missing key(s) {missing[:10]}, {len(extra)} unexpected key(s) {extra[:10]}"
         )
     model.load_state_dict(state, strict=True, assign=True)

@@ -127,7 +127,12 @@ class RewardScorer:
         # so that a prompt is computed once; the matrix products are large enough well before.
         self.batch_tokens = batch_tokens or (2048 if self.device == "cpu" else 32768)
         self.share_prompts = share_prompts
-        self.tokenizer = tok = AutoTokenizer.from_pretrained(model_path)
+        try:
+            self.tokenizer = tok = AutoTokenizer.from_pretrained(model_path)
+        except (OSError, ValueError) as e:  # a folder without (readable) tokenizer files
+            from fusechat.errors import InputError
+
+            raise InputError(model_path, f"no tokenizer can be loaded ({str(e).strip().splitlines()[0]})") from None
         if kind == "armorm":
             from fusechat.scoring.armorm import choose_kernel, gating_pattern_ids, load_armorm
 
