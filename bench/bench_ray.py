@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,44 +23,26 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fusechat.testing.ray_head import local_ray_head  # noqa: E402
 
 
 def _sample_on(workers: int, recipe: str, out: Path, tasks_per_source: int) -> dict:
-    port = _free_port()
-    head = subprocess.Popen(
-        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(port), "--num-cpus", str(workers), "--num-gpus", str(workers), "--include-dashboard=false",
-         "--disable-usage-stats", "--temp-dir", str(out / f"ray-{workers}")],
-        stdout=open(out / f"head-{workers}.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if head.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"ray head did not start; see {out}/head-{workers}.log")
-                time.sleep(0.3)
-        run_dir = out / f"run-{workers}"
-        t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "fusechat", "sample", recipe, "--run-dir", str(run_dir),
-                               "--ray-address", f"127.0.0.1:{port}", "--tasks-per-source", str(tasks_per_source)],
-                              capture_output=True, text=True, cwd=ROOT)
-        wall = time.time() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"sampling on {workers} worker(s) failed:\n{proc.stderr[-3000:]}")
-        manifest = json.loads((run_dir / "responses" / "manifest.json").read_text())
-        return {"workers": workers, "wall_s": round(wall, 1), "responses": manifest["rows_out"]}
-    finally:
-        os.killpg(head.pid, signal.SIGKILL)  # the head, its raylet and Ray workers: one process group
-        head.wait()
+        with local_ray_head(out / f"ray-{workers}", slots=workers) as address:
+            run_dir = out / f"run-{workers}"
+            t0 = time.time()
+            proc = subprocess.run([sys.executable, "-m", "fusechat", "sample", recipe, "--run-dir", str(run_dir),
+                                   "--ray-address", address, "--tasks-per-source", str(tasks_per_source)],
+                                  capture_output=True, text=True, cwd=ROOT)
+            wall = time.time() - t0
+    except RuntimeError as e:  # the head did not start
+        raise SystemExit(str(e)) from None
+    if proc.returncode != 0:
+        raise SystemExit(f"sampling on {workers} worker(s) failed:\n{proc.stderr[-3000:]}")
+    manifest = json.loads((run_dir / "responses" / "manifest.json").read_text())
+    return {"workers": workers, "wall_s": round(wall, 1), "responses": manifest["rows_out"]}
 
 
 def main() -> None:

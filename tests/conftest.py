@@ -73,40 +73,16 @@ def prefect_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """`ray start --head` on loopback with 2 CPUs and 2 logical GPUs (Ray places tasks by these
-    numbers; no device is touched on a CPU machine). Stopped by killing its own process group."""
-    import signal
-    import socket
-    import subprocess
-    import time
+    """A Ray head on loopback with 2 CPUs and 2 logical GPUs (`fusechat.testing.ray_head`)."""
+    from fusechat.testing.ray_head import local_ray_head
 
-    from servers import free_port
-
-    folder = tmp_path_factory.mktemp("ray")
-    port = free_port()
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address",
-           "127.0.0.1", "--port", str(port), "--num-cpus", "2", "--num-gpus", "2", "--include-dashboard=false",
-           "--disable-usage-stats", "--temp-dir", str(folder / "tmp")]
-    log = open(folder / "head.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("ray head did not start:\n" + (folder / "head.log").read_text()[-3000:])
-                time.sleep(0.3)
-        yield f"127.0.0.1:{port}"
-    finally:
+    with local_ray_head(tmp_path_factory.mktemp("ray"), slots=2) as address:
         try:
-            import ray
+            yield address
+        finally:
+            try:
+                import ray
 
-            ray.shutdown()  # this process, if a test joined the cluster from here
-        except ImportError:
-            pass
-        os.killpg(proc.pid, signal.SIGKILL)  # head, raylet and the Ray workers: one process group
-        proc.wait()
-        log.close()
+                ray.shutdown()  # this process, if a test joined the cluster from here
+            except ImportError:
+                pass
