@@ -159,7 +159,8 @@ def write_response_shards(recipe, prompts, rng) -> int:
                 "received_ids": pa.array(received * len(shard.prompt_ids), pa.list_(pa.int32())),
             })
             meta = {"shard_id": shard.shard_id, "source": source.name, "domain": shard.domain, "n": shard.n,
-                    "requests": len(shard.prompt_ids), "dropped": {}, "engine": source.engine}
+                    "requests": len(shard.prompt_ids), "prompt_ids": list(shard.prompt_ids), "dropped": {},
+                    "engine": source.engine}
             table = RESPONSE_SHARD.conform(table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}))
             path = shard_path(recipe, shard)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,13 +179,16 @@ def write_score_shards(recipe, rng) -> int:
     from fusechat.tables import CHECK_SHARD, REWARD_SHARD
 
     folder = stage_dir(recipe, "scores") / "shards"
-    folder.mkdir(parents=True, exist_ok=True)
     inputs = score.load_inputs(recipe, Manifest.start(recipe, "scores"))
-    plan = ((inputs.column("response_id", rows), inputs.column("domain", rows), inputs.column("source", rows), rp, cp)
-            for rows, _, _, rp, cp in score.shard_plan(recipe, inputs, "bench", folder))
+    work = score.plan(recipe, inputs, "bench", folder)
+    work.reward_dir.mkdir(parents=True, exist_ok=True)
+    work.check_dir.mkdir(parents=True, exist_ok=True)
+    # a fresh run: both plans cut the same rows (every kept row, by prompt) into the same shards
+    plan = ((inputs.column("response_id", rows), inputs.column("domain", rows), inputs.column("source", rows),
+             rkeys, rp, ckeys, cp) for (rows, rkeys, rp), (_, ckeys, cp) in zip(work.reward_todo, work.check_todo))
     order = {s.name: i for i, s in enumerate(recipe.sources)}
     count = 0
-    for rid, domain, source, rp, cp in plan:
+    for rid, domain, source, rkeys, rp, ckeys, cp in plan:
         rid = pa.array(rid, pa.string())
         domain = np.asarray(domain, dtype=object)
         n = len(rid)
@@ -195,7 +199,7 @@ def write_score_shards(recipe, rng) -> int:
         objectives = pa.ListArray.from_arrays(pa.array(np.arange(0, 19 * n + 1, 19, dtype=np.int32)),
                                               pa.array(rng.random(19 * n).astype(np.float32).astype(np.float64)))
         pq.write_table(REWARD_SHARD.conform(pa.table({
-            "response_id": rid, "reward": pa.array(reward, mask=null),
+            "key": pa.array(rkeys, pa.string()), "response_id": rid, "reward": pa.array(reward, mask=null),
             "objective_rewards": pa.array(objectives.to_pylist(), mask=null, type=pa.list_(pa.float64())),
             "reward_truncated": pa.array(np.zeros(n, dtype=bool)),
             "reward_detail": pa.array(np.where(null, "overlong: input over max_length", "").astype(object)),
@@ -207,8 +211,8 @@ def write_score_shards(recipe, rng) -> int:
                             np.where(u < 0.5, "pass", np.where(u < 0.95, "fail", "timeout"))], "none").astype(object)
         detail = np.where(check == "none", "", "checked").astype(object)
         pq.write_table(CHECK_SHARD.conform(pa.table({
-            "response_id": rid, "check": pa.array(check), "check_status": pa.array(status),
-            "check_detail": pa.array(detail)})), cp)
+            "key": pa.array(ckeys, pa.string()), "response_id": rid, "check": pa.array(check),
+            "check_status": pa.array(status), "check_detail": pa.array(detail)})), cp)
     return count
 
 
@@ -244,9 +248,9 @@ def step(name: str, run: Path) -> dict:
         from fusechat.scoring.stage import run_score
 
         man = run_score(recipe)
-        computed = man.extra["shards"]
-        if computed["reward_computed"] or computed["checks_computed"]:
-            raise AssertionError(f"score shards were computed, not merged: {computed}")
+        computed = man.extra["reward"]["rows_computed"] + man.extra["checks"]["rows_computed"]
+        if computed:
+            raise AssertionError(f"{computed} score rows were computed, not merged")
         return {"rows_in": man.rows_in, "rows_out": man.rows_out, "dropped": sum(man.dropped.values())}
     if name == "build":
         from fusechat.build import run_build

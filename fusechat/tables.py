@@ -129,8 +129,8 @@ _RESPONSE_COLUMNS = (
 )
 RESPONSES = _t("responses", "responses/responses.parquet", "one row per sampled response", *_RESPONSE_COLUMNS)
 RESPONSE_SHARD = _t(
-    "response_shard", "responses/shards/<source>/<shard id>.parquet",
-    "one shard of sampling work; what it skipped travels in the file's metadata",
+    "response_shard", "responses/shards/<source>/<settings key>/<shard id>.parquet",
+    "one shard of sampling work; its prompts, n and what it skipped travel in the file's metadata",
     *_RESPONSE_COLUMNS,
     ("received_ids", "list<int32>", "the prompt token ids the engine received (the one-BOS audit)"),
     internal=True,
@@ -149,14 +149,18 @@ SCORES = _t(
     ("truncated", "bool", "the response, or the reward model's input, was cut"),
 )
 REWARD_SHARD = _t(
-    "reward_shard", "scores/shards/reward-<n>-<hash>.parquet", "reward-model scores of one shard of responses",
+    "reward_shard", "scores/shards/reward-<settings hash>/<hash>.parquet",
+    "reward-model scores of one shard of responses",
+    ("key", "string", "hash of the response id, its text and its prompt's turns: what the score depends on"),
     ("response_id", "string", ""), ("reward", "float64", ""), ("objective_rewards", "list<float64>", ""),
     ("reward_truncated", "bool", "the reward model's input was cut"),
     ("reward_detail", "string", "why the reward is null"),
     internal=True,
 )
 CHECK_SHARD = _t(
-    "check_shard", "scores/shards/checks-<n>-<hash>.parquet", "math and code checks of one shard of responses",
+    "check_shard", "scores/shards/checks-<settings hash>/<hash>.parquet",
+    "math and code checks of one shard of responses",
+    ("key", "string", "hash of the response id, its text and its prompt's gold answer, tests and setup"),
     ("response_id", "string", ""), ("check", "string", ""), ("check_status", "string", ""),
     ("check_detail", "string", ""),
     internal=True,

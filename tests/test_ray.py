@@ -43,7 +43,7 @@ def _rows(folder):
 
 
 def _shard_pids(folder) -> set[int]:
-    return {read_shard(p)[1]["pid"] for p in (folder / "run" / "responses" / "shards" / "qwen").glob("*.parquet")}
+    return {read_shard(p)[1]["pid"] for p in (folder / "run" / "responses" / "shards" / "qwen").glob("*/*.parquet")}
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +77,14 @@ def test_ray_worker_killed_mid_run_is_retried(ray_cluster, tiny_models, local_ro
     cli = subprocess.Popen([sys.executable, "-m", "fusechat", "sample", str(recipe), "--ray-address", ray_cluster],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not list(shards.glob("*.parquet")):
+    while not list(shards.glob("*/*.parquet")):
         assert time.time() < deadline and cli.poll() is None, "no shard was written"
         time.sleep(0.02)
     worker = _sampling_worker(tmp_path)
     ray_worker = worker.parent()  # the Ray worker process running the task
     assert "ray" in " ".join(ray_worker.cmdline()).lower()
     ray_worker.kill()
-    done_at_kill = len(list(shards.glob("*.parquet")))
+    done_at_kill = len(list(shards.glob("*/*.parquet")))
     out, err = cli.communicate(timeout=240)
     assert cli.returncode == 0, err[-3000:]
     assert done_at_kill < PROMPTS  # the kill came mid-run: Ray's retry computed the rest

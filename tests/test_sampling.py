@@ -93,7 +93,7 @@ def test_each_engine_received_exactly_one_bos(sampled, tiny_models):
     families = {"llama": "llama3", "qwen": "qwen2", "gemma": "gemma2", "mistral": "mistral"}
     for source, family in families.items():
         tok = AutoTokenizer.from_pretrained(tiny_models[family])
-        shards = sorted((recipe.run_path() / "responses" / "shards" / source).glob("*.parquet"))
+        shards = sorted((recipe.run_path() / "responses" / "shards" / source).glob("*/*.parquet"))
         received = [ids for f in shards for ids in read_shard(f)[0].column("received_ids").to_pylist() if ids]
         assert received, source
         for ids in received:
@@ -157,9 +157,9 @@ def test_engine_crash_and_kill_9_then_resume(sampled, tiny_models, tmp_path):
     cli = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     parent = psutil.Process(cli.pid)
     first = _wait_for(lambda: _worker_children(parent), 240, "the first worker")[0]
-    _wait_for(lambda: list(shards.glob("*.parquet")), 240, "the first shard")
+    _wait_for(lambda: list(shards.glob("*/*.parquet")), 240, "the first shard")
     first.kill()  # an engine crash, as the stage sees it
-    done_at_crash = len(list(shards.glob("*.parquet")))
+    done_at_crash = len(list(shards.glob("*/*.parquet")))
     assert done_at_crash < total
     # the stage starts a new worker for the missing shards; kill -9 the command while it runs
     _wait_for(lambda: [w for w in _worker_children(parent) if w.pid != first.pid], 60, "the retry")
@@ -168,13 +168,13 @@ def test_engine_crash_and_kill_9_then_resume(sampled, tiny_models, tmp_path):
     cli.wait()
     # the orphaned worker takes itself and its engine down, so no rerun races it
     _wait_for(lambda: not any(_alive(w) for w in retry), 15, "the orphaned worker to exit")
-    partial = len(list(shards.glob("*.parquet")))
+    partial = len(list(shards.glob("*/*.parquet")))
     assert done_at_crash <= partial < total
-    assert not list(shards.glob(".*.tmp"))  # no half-written shard is ever left under a real name
+    assert not list(shards.glob("*/.*.tmp"))  # no half-written shard is ever left under a real name
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert len(list(shards.glob("*.parquet"))) == total
+    assert len(list(shards.glob("*/*.parquet"))) == total
     resumed = pq.read_table(tmp_path / "run" / "responses" / "responses.parquet").to_pylist()
     uninterrupted = [r for r in _responses(full) if r["source"] == "llama"]
     assert [r["response_id"] for r in resumed] == [r["response_id"] for r in uninterrupted]
@@ -190,7 +190,7 @@ def test_engine_crash_and_kill_9_then_resume(sampled, tiny_models, tmp_path):
 
 
 def read_shard_ids(recipe, source: str) -> list[str]:
-    return [f.stem for f in (recipe.run_path() / "responses" / "shards" / source).glob("*.parquet")]
+    return [f.stem for f in (recipe.run_path() / "responses" / "shards" / source).glob("*/*.parquet")]
 
 
 def test_model_that_fails_to_load_keeps_other_sources(tiny_models, tmp_path):
@@ -223,24 +223,25 @@ def test_model_that_fails_to_load_keeps_other_sources(tiny_models, tmp_path):
     from transformers import AutoTokenizer
 
     bos = AutoTokenizer.from_pretrained(tiny_models["llama3"]).bos_token_id
-    for f in (recipe.run_path() / "responses" / "shards" / "good").glob("*.parquet"):
+    for f in (recipe.run_path() / "responses" / "shards" / "good").glob("*/*.parquet"):
         for r in read_shard(f)[0].to_pylist():
             assert r["truncated"] == (r["finish_reason"] == "length") and r["completion_tokens"] <= 8
             if r["received_ids"]:
                 assert r["received_ids"][0] == bos and r["received_ids"].count(bos) == 1
     # fixing the model and rerunning computes only the failed source
-    good_files = {f: f.stat().st_mtime_ns for f in (recipe.run_path() / "responses" / "shards" / "good").glob("*")}
+    good_files = {f: f.stat().st_mtime_ns for f in (recipe.run_path() / "responses" / "shards" / "good").rglob("*")}
     shutil.copy(Path(tiny_models["mistral"]) / "model.safetensors", broken / "model.safetensors")
     run_sample(recipe)
     assert {f: f.stat().st_mtime_ns for f in good_files} == good_files
     assert {r["source"] for r in _responses(recipe)} == {"good", "bad"}
     # a shard file cut short (a full disk) is set aside and counts as missing, so the sampling a
     # rerun does (tested above) computes it again; the manifest lists it
-    cut = sorted((recipe.run_path() / "responses" / "shards" / "good").glob("*.parquet"))[0]
+    cut = sorted((recipe.run_path() / "responses" / "shards" / "good").glob("*/*.parquet"))[0]
     data = cut.read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     revisions, shards = plan(recipe)
     assert not cut.exists() and (cut.parent / "damaged" / cut.name).stat().st_size == len(data) // 2
     assert [s.shard_id for s in shards["good"] if not shard_path(recipe, s).exists()] == [cut.stem]
     man = merge(recipe, revisions, shards)
-    assert man.extra["damaged_shards"] == [f"shards/good/damaged/{cut.name}"] and man.dropped["not_run"] > 0
+    assert man.extra["damaged_shards"] == [f"shards/good/{cut.parent.name}/damaged/{cut.name}"]
+    assert man.dropped["not_run"] > 0

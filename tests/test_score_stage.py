@@ -197,18 +197,23 @@ def test_the_prelude_comes_with_the_prompt(scored):
 def test_rerun_computes_only_missing_shards(scored):
     recipe, first, table = scored
     shards = recipe.run_path() / "scores" / "shards"
-    files = sorted(shards.glob("*.parquet"))
+    files = sorted(shards.glob("*/*.parquet"))
     assert len(files) == 2 * 4  # 14 rows in shards of 4, reward + checks
+    assert sorted(p.name.split("-")[0] for p in shards.iterdir()) == ["checks", "reward"]  # one folder each
     lost = [files[1], files[5]]  # as if killed before these two were written
+    lost_rows = sum(pq.read_metadata(f).num_rows for f in lost)
     for f in lost:
         f.unlink()
-    before = {f.name: f.stat().st_mtime_ns for f in files if f not in lost}
+    before = {f: f.stat().st_mtime_ns for f in files if f not in lost}
     (recipe.run_path() / "scores" / "scores.parquet").unlink()
     again = run_score(recipe)
-    assert again.extra["shards"] == {"total": 4, "reward_computed": 1, "checks_computed": 1}
-    after = {f.name: f.stat().st_mtime_ns for f in shards.glob("*.parquet")}
-    assert all(after[name] == t for name, t in before.items())  # untouched
-    assert all(f.exists() for f in lost)
+    assert again.extra["shards"] == {"reward_computed": 1, "checks_computed": 1}
+    computed = again.extra["reward"]["rows_computed"] + again.extra["checks"]["rows_computed"]
+    assert computed == lost_rows
+    assert again.extra["reward"]["rows_computed"] + again.extra["reward"]["rows_reused"] == 14
+    after = {f: f.stat().st_mtime_ns for f in shards.glob("*/*.parquet")}
+    assert all(after[f] == t for f, t in before.items())  # untouched
+    assert len(after) == len(files)
     rerun = pq.read_table(recipe.run_path() / "scores" / "scores.parquet")
     assert rerun.to_pylist() == table.to_pylist()
 
@@ -216,15 +221,16 @@ def test_rerun_computes_only_missing_shards(scored):
 def test_a_truncated_shard_is_set_aside_and_computed_again(scored):
     recipe, _, table = scored
     shards = recipe.run_path() / "scores" / "shards"
-    reward, checks = sorted(shards.glob("reward-*.parquet"))[2], sorted(shards.glob("checks-*.parquet"))[0]
+    reward, checks = sorted(shards.glob("reward-*/*.parquet"))[2], sorted(shards.glob("checks-*/*.parquet"))[0]
     for f in (reward, checks):  # cut short, as by a full disk: no Parquet footer
         data = f.read_bytes()
         f.write_bytes(data[: len(data) // 2])
     again = run_score(recipe)
-    assert again.extra["shards"] == {"total": 4, "reward_computed": 1, "checks_computed": 1}
-    assert sorted(again.extra["damaged_shards"]) == sorted(f"shards/damaged/{f.name}" for f in (reward, checks))
+    assert again.extra["shards"] == {"reward_computed": 1, "checks_computed": 1}
+    assert sorted(again.extra["damaged_shards"]) == sorted(
+        f"shards/{f.parent.name}/damaged/{f.name}" for f in (reward, checks))
     for f in (reward, checks):
-        assert (shards / "damaged" / f.name).stat().st_size < f.stat().st_size  # kept, and a new one written
+        assert (f.parent / "damaged" / f.name).stat().st_size < f.stat().st_size  # kept, and a new one written
     assert pq.read_table(recipe.run_path() / "scores" / "scores.parquet").to_pylist() == table.to_pylist()
     saved = json.loads((recipe.run_path() / "scores" / "manifest.json").read_text())
     assert saved["extra"]["damaged_shards"] == again.extra["damaged_shards"]
@@ -274,18 +280,19 @@ def test_prefect_flow_scores(tmp_path, tiny_armorm, prefect_server):
 def test_one_process_per_device(tmp_path, tiny_armorm):
     """The several-GPU path (one spawned process per device), run here on two CPU "devices"."""
     from fusechat.scoring.reward import resolve_model
-    from fusechat.scoring.stage import _load_rows, _score_rewards, _shards
+    from fusechat.scoring.stage import _score_rewards, load_inputs, plan, todo_rows
     from fusechat.run import Manifest
 
     write_run(tmp_path / "run")
     recipe = load_recipe(write_recipe(tmp_path, tiny_armorm))
-    rows = _load_rows(recipe, Manifest.start(recipe, "scores"))
+    inputs = load_inputs(recipe, Manifest.start(recipe, "scores"))
     model_path, revision = resolve_model(recipe)
     one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
     for folder, devices in ((one, ["cpu"]), (two, ["cpu", "cpu"])):
-        todo = [(part, rp) for part, rp, _ in _shards(recipe, rows, revision, folder)]
+        work = plan(recipe, inputs, revision, folder)
+        todo = [(todo_rows(inputs, rows, keys), path) for rows, keys, path in work.reward_todo]
         _score_rewards(recipe, model_path, todo, lambda n=1: None, devices=devices)
+    one, two = (next(f.glob("reward-*")) for f in (one, two))
     names = sorted(p.name for p in one.iterdir())
     assert names == sorted(p.name for p in two.iterdir()) and len(names) == 4
     for name in names:

@@ -139,7 +139,7 @@ def generate(work: Recipe, console) -> tuple[dict[str, str], dict[str, list], di
 def collect(work: Recipe, items: dict[str, Item], shards: dict[str, list], outcomes: dict[str, Any],
             man: Manifest) -> list[dict]:
     """Generated rows of every model from its shard files; what is missing is dropped by reason."""
-    from fusechat.sampling.shards import read_shard, shard_path
+    from fusechat.sampling.shards import shard_path, shard_rows
     from fusechat.sampling.stage import ENGINE_ERROR_REASON, LOAD_FAILED_REASON
 
     rows = []
@@ -158,8 +158,8 @@ def collect(work: Recipe, items: dict[str, Item], shards: dict[str, list], outco
                 man.drop(reason, len(shard.prompt_ids))
                 answered += len(shard.prompt_ids)
                 continue
-            table, meta = read_shard(path)
-            for reason, pids in meta.get("dropped", {}).items():
+            table, dropped, _ = shard_rows(work, shard)
+            for reason, pids in dropped.items():
                 man.drop(reason, len(pids))
                 answered += len(pids)
             for r in table.to_pylist():

@@ -1,11 +1,18 @@
-"""The sampling work plan: content-addressed shards and their files.
+"""The sampling work plan: shards keyed by content, and their files.
 
-A shard is up to `Source.shard_size` prompts of one domain for one source. Its id hashes everything
-that decides its output: the prompt ids, the source (name, model, revision, engine), the sampling
-settings, n, and the recipe seed. A finished shard is one Parquet file under
-`responses/shards/<source>/<shard_id>.parquet`, written atomically, so a shard is either complete
-or absent and a rerun computes exactly the absent ones. What a shard skipped (empty or over-long
-prompts) travels in the same file's metadata, so the books balance across any number of reruns.
+A response is known by what decides it: its prompt, the source (name, model, revision, engine), the
+sampling settings, n, the recipe seed and the template date. Every finished shard of one source and
+one such setting lives in `responses/shards/<source>/<settings key>/<shard id>.parquet` and names
+its prompts (and n) in its metadata. The planner takes every prompt some finished shard already
+answers from that shard, wherever it was computed, and cuts only the prompts no shard answers into
+new shards of up to `Source.shard_size`. A new data set, a raised `limit` or one more source
+therefore samples only what is new; shards of other settings stay on disk until `fusechat prune`.
+
+A shard is written atomically, so it is either complete or absent and a rerun computes exactly the
+absent ones. Planning again after some planned shards finished gives the same remaining shards (they
+were consecutive slices of the missing prompts), so a worker or a Prefect task that plans again
+finds the shard ids it was given. What a shard skipped (empty or over-long prompts) travels in the
+same file's metadata, so the books balance across any number of reruns.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ class Shard:
     domain: str
     n: int
     seed: int
-    prompt_ids: tuple[str, ...]
+    prompt_ids: tuple[str, ...]  # the prompts this run takes from the shard, in prompt-table order
+    key: str  # the source's settings key: the shard's folder
 
 
 def model_revision(recipe: Recipe, source: Source) -> str:
@@ -76,6 +84,33 @@ def settings(source: Source, revision: str) -> dict[str, Any]:
     }
 
 
+def settings_key(recipe: Recipe, setting: dict[str, Any]) -> str:
+    """The folder of a source's shards: everything but the prompts and n that decides a response."""
+    return stable_hash(setting, recipe.seed, recipe.template_date)
+
+
+def source_dir(recipe: Recipe, source: str) -> Path:
+    return stage_dir(recipe, "responses") / "shards" / source
+
+
+def finished(folder: Path) -> dict[tuple[str, int], str]:
+    """(prompt id, n) -> shard id, for every prompt a readable shard file in `folder` answers.
+
+    A file that cannot be read (cut short by a full disk or a killed copy) is moved to `damaged/`
+    beside it, so its prompts count as missing. Reads file footers only."""
+    import pyarrow.parquet as pq
+
+    have: dict[tuple[str, int], str] = {}
+    for path in sorted(folder.glob("*.parquet")):
+        if not readable(path):
+            set_aside(path)
+            continue
+        meta = json.loads((pq.read_schema(path).metadata or {}).get(META_KEY, b"{}"))
+        for pid in meta.get("prompt_ids", ()):
+            have.setdefault((pid, meta["n"]), path.stem)
+    return have
+
+
 def response_id(prompt_id: str, source: str, sample_index: int, setting: dict[str, Any], seed: int) -> str:
     return stable_hash(prompt_id, source, sample_index, setting, seed)
 
@@ -85,7 +120,11 @@ def load_prompts(recipe: Recipe) -> pa.Table:
 
 
 def plan_source(recipe: Recipe, source: Source, prompts: pa.Table, revision: str) -> list[Shard]:
+    """Every shard the source's responses come from: finished shards that answer some of today's
+    prompts (with those prompts), then new shards cut from the prompts none answers."""
     setting = settings(source, revision)
+    key = settings_key(recipe, setting)
+    have = finished(source_dir(recipe, source.name) / key)
     ids = prompts.column("prompt_id").to_pylist()
     domains = prompts.column("domain").to_pylist()
     shards = []
@@ -93,23 +132,24 @@ def plan_source(recipe: Recipe, source: Source, prompts: pa.Table, revision: str
         n = source.responses.get(domain, 0)
         if n <= 0:
             continue  # e.g. the chinese domain goes only to the sources that name it
-        chosen = [pid for pid, d in zip(ids, domains) if d == domain]
-        for start in range(0, len(chosen), source.shard_size):
-            chunk = tuple(chosen[start:start + source.shard_size])
+        reused: dict[str, list[str]] = {}
+        missing = []
+        for pid in (pid for pid, d in zip(ids, domains) if d == domain):
+            sid = have.get((pid, n))
+            if sid is None:
+                missing.append(pid)
+            else:
+                reused.setdefault(sid, []).append(pid)
+        shards += [Shard(sid, source.name, domain, n, 0, tuple(pids), key) for sid, pids in reused.items()]
+        for start in range(0, len(missing), source.shard_size):
+            chunk = tuple(missing[start:start + source.shard_size])
             sid = stable_hash(chunk, setting, domain, n, recipe.seed)
-            shards.append(Shard(sid, source.name, domain, n, int(sid[:8], 16), chunk))
+            shards.append(Shard(sid, source.name, domain, n, int(sid[:8], 16), chunk, key))
     return shards
 
 
 def shard_path(recipe: Recipe, shard: Shard) -> Path:
-    return stage_dir(recipe, "responses") / "shards" / shard.source / f"{shard.shard_id}.parquet"
-
-
-def set_aside_damaged(recipe: Recipe, shards: list[Shard]) -> list[Path]:
-    """Move shard files that cannot be read (cut short by a full disk or a killed copy) into
-    `damaged/` beside them, so that they count as missing and are sampled again."""
-    paths = [shard_path(recipe, s) for s in shards]
-    return [set_aside(p) for p in paths if p.exists() and not readable(p)]
+    return source_dir(recipe, shard.source) / shard.key / f"{shard.shard_id}.parquet"
 
 
 def write_shard(recipe: Recipe, shard: Shard, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
@@ -124,3 +164,18 @@ def write_shard(recipe: Recipe, shard: Shard, rows: list[dict[str, Any]], meta: 
 def read_shard(path: Path) -> tuple[pa.Table, dict[str, Any]]:
     table = read(RESPONSE_SHARD, path)
     return table, json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+
+
+def shard_rows(recipe: Recipe, shard: Shard) -> tuple[pa.Table, dict[str, list[str]], dict[str, Any]]:
+    """A finished shard's rows and skipped prompts, restricted to the prompts this run takes from it
+    (a shard computed for an earlier, larger prompt set may answer prompts no longer asked)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table, meta = read_shard(shard_path(recipe, shard))
+    asked = set(shard.prompt_ids)
+    if len(asked) < len(meta.get("prompt_ids", asked)):
+        table = table.filter(pc.is_in(table.column("prompt_id"), value_set=pa.array(shard.prompt_ids)))
+    dropped = {reason: kept for reason, pids in meta.get("dropped", {}).items()
+               if (kept := [p for p in pids if p in asked])}
+    return table, dropped, meta

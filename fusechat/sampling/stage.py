@@ -28,7 +28,7 @@ from fusechat.errors import IncompleteError
 from fusechat.recipe import Recipe, RecipeError, Source
 from fusechat.run import Manifest, stage_dir, table_writer
 from fusechat.sampling.shards import (
-    RECEIVED, Shard, load_prompts, model_revision, plan_source, read_shard, set_aside_damaged, shard_path,
+    RECEIVED, Shard, load_prompts, model_revision, plan_source, shard_path, shard_rows,
 )
 from fusechat.tables import RESPONSES
 from fusechat.sampling.worker import LOAD_FAILED
@@ -63,7 +63,6 @@ def plan(recipe: Recipe) -> tuple[dict[str, str], dict[str, list[Shard]]]:
         except ValueError as e:
             raise RecipeError(f"sources[{i}] ({source.name}): {e}") from None
         shards[source.name] = plan_source(recipe, source, prompts, revisions[source.name])
-        set_aside_damaged(recipe, shards[source.name])
     return revisions, shards
 
 
@@ -169,7 +168,8 @@ def merge(
     started_at: float | None = None,
 ) -> Manifest:
     """`responses/responses.parquet` and its manifest from the shard files that exist; the
-    manifest's wall time counts from `started_at` (default: now)."""
+    manifest's wall time counts from `started_at` (default: now), and rows of shards finished since
+    then count as computed, the others as reused."""
     outcomes = outcomes or {}
     man = Manifest.start(recipe, "responses")
     if started_at is not None:
@@ -185,47 +185,89 @@ def merge(
     man.extra = {
         "requests": {"in": requests_in, "answered": requests_done, "dropped": requests_dropped},
         "truncated": sum(s["truncated"] for s in per_source.values()),
+        "rows_computed": sum(s["rows_computed"] for s in per_source.values()),
+        "rows_reused": sum(s["rows_reused"] for s in per_source.values()),
         "per_source": per_source,
         "failures": {n: o.message for n, o in outcomes.items() if o.status != "done"},
         # shard files that could not be read, set aside and sampled again
         "damaged_shards": sorted(str(p.relative_to(out_dir)) for name in shards
-                                 for p in (out_dir / "shards" / name / "damaged").glob("*")),
+                                 for p in (out_dir / "shards" / name).glob("*/damaged/*")),
     }
     man.check_balance()
     man.save(out_dir)
     return man
 
 
-def _merge_shards(recipe: Recipe, shards: dict[str, list[Shard]], outcomes: dict[str, SourceOutcome],
-                  man: Manifest, append: Callable) -> tuple[dict[str, dict[str, Any]], int, int, dict[str, int]]:
-    """Append every existing shard's rows (one shard in memory at a time) and count the books."""
+def _in_table_order(recipe: Recipe, shards: list[Shard], position: dict[str, int]):
+    """The rows of one source's shards of one domain (those that exist), in the order a run
+    computed in one go writes them: prompt-table order, then sample index.
+
+    A run computed in one go, or grown by shards of prompts that all come after the earlier ones,
+    streams shard by shard. Shards whose prompts interleave (a data set added in the middle, a
+    raised limit) are gathered and sorted together: memory of one source's domain, not the run."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
+    def ordered(table: pa.Table) -> pa.Table:
+        pos = pa.array([position[p] for p in table.column("prompt_id").to_pylist()], pa.int64())
+        if len(pos) > 1 and not pc.all(pc.greater_equal(pos[1:], pos[:-1])).as_py():
+            table = table.take(pc.sort_indices(pa.table({"p": pos, "s": table.column("sample_index")}),
+                                               sort_keys=[("p", "ascending"), ("s", "ascending")]))
+        return table
+
+    spans = sorted(((min(position[p] for p in s.prompt_ids), max(position[p] for p in s.prompt_ids), s)
+                    for s in shards if s.prompt_ids and shard_path(recipe, s).exists()),
+                   key=lambda x: (x[0], x[2].shard_id))
+    if all(a[1] < b[0] for a, b in zip(spans, spans[1:])):
+        for _, _, shard in spans:
+            table, dropped, meta = shard_rows(recipe, shard)
+            yield shard, ordered(table), table.num_rows, dropped, meta
+        return
+    read = [(s, *shard_rows(recipe, s)) for _, _, s in spans]
+    whole = ordered(pa.concat_tables([table for _, table, _, _ in read]))
+    for i, (shard, table, dropped, meta) in enumerate(read):  # the books stay per shard
+        yield shard, (whole if i == 0 else whole.slice(0, 0)), table.num_rows, dropped, meta
+
+
+def _merge_shards(recipe: Recipe, shards: dict[str, list[Shard]], outcomes: dict[str, SourceOutcome],
+                  man: Manifest, append: Callable) -> tuple[dict[str, dict[str, Any]], int, int, dict[str, int]]:
+    """Append every existing shard's rows (one shard in memory at a time where prompts do not
+    interleave) and count the books."""
+    import pyarrow.compute as pc
+
+    prompt_ids = load_prompts(recipe).column("prompt_id").to_pylist()
+    position = {pid: i for i, pid in enumerate(prompt_ids)}
     per_source: dict[str, dict[str, Any]] = {}
     requests_in = requests_done = 0
     requests_dropped: dict[str, int] = {}
     for name, source_shards in shards.items():
         stats = per_source.setdefault(name, {"shards": len(source_shards), "shards_done": 0, "requests": 0,
-                                             "responses": 0, "truncated": 0, "dropped": {}})
+                                             "responses": 0, "rows_computed": 0, "rows_reused": 0,
+                                             "truncated": 0, "dropped": {}})
+        status = outcomes.get(name).status if name in outcomes else "not_run"
+        missing = LOAD_FAILED_REASON if status == LOAD_FAILED_REASON else (
+            ENGINE_ERROR_REASON if status == "failed" else "not_run")
+        books: list[tuple[Shard, dict[str, list[str]]]] = []
         for shard in source_shards:
+            if not shard_path(recipe, shard).exists():
+                books.append((shard, {missing: list(shard.prompt_ids)}))
+        for domain in dict.fromkeys(s.domain for s in source_shards):
+            group = [s for s in source_shards if s.domain == domain]
+            for shard, table, rows, dropped, meta in _in_table_order(recipe, group, position):
+                append(table.drop_columns([RECEIVED]))
+                stats["shards_done"] += 1
+                stats["responses"] += rows
+                fresh = meta.get("finished_at", 0) >= man.started_at
+                stats["rows_computed" if fresh else "rows_reused"] += rows
+                stats["truncated"] += int(pc.sum(pc.fill_null(table.column("truncated"), False)).as_py() or 0)
+                man.rows_out += rows
+                books.append((shard, dropped))
+        for shard, reasons in books:
             asked = len(shard.prompt_ids)
             man.rows_in += asked * shard.n
             requests_in += asked
             stats["requests"] += asked
-            path = shard_path(recipe, shard)
-            if not path.exists():
-                status = outcomes.get(name).status if name in outcomes else "not_run"
-                reason = LOAD_FAILED_REASON if status == LOAD_FAILED_REASON else (
-                    ENGINE_ERROR_REASON if status == "failed" else "not_run")
-                reasons = {reason: list(shard.prompt_ids)}
-            else:
-                table, meta = read_shard(path)
-                append(table.drop_columns([RECEIVED]))
-                stats["shards_done"] += 1
-                stats["responses"] += table.num_rows
-                stats["truncated"] += int(pc.sum(pc.fill_null(table.column("truncated"), False)).as_py() or 0)
-                man.rows_out += table.num_rows
-                reasons = meta.get("dropped", {})
+            if shard_path(recipe, shard).exists():
                 requests_done += asked - sum(len(p) for p in reasons.values())
             for reason, pids in reasons.items():
                 man.drop(reason, len(pids) * shard.n)
@@ -290,7 +332,7 @@ def run_sample(recipe: Recipe, retries: int = 2, ray_address: str | None = None,
                            for name, source_shards in shards.items()}
             outcomes.update({name: f.result() for name, f in running.items()})
     manifest = merge(recipe, revisions, shards, outcomes, started_at)
-    console.print(summary_table(manifest, outcomes))
+    Console(stderr=True, width=max(console.width, 120)).print(summary_table(manifest, outcomes))
     failed = [o for o in outcomes.values() if o.status != "done"]
     if failed:
         raise SamplingError(
@@ -303,15 +345,17 @@ def run_sample(recipe: Recipe, retries: int = 2, ray_address: str | None = None,
 def summary_table(manifest: Manifest, outcomes: dict[str, SourceOutcome]):
     from rich.table import Table
 
-    table = Table(title=f"fusechat sample: {manifest.recipe_name}")
-    for col in ("source", "status", "shards", "requests", "responses", "truncated", "dropped",
-                "computed now", "tok/s"):
+    table = Table(title=f"fusechat sample: {manifest.recipe_name}",
+                  caption=f"responses: {manifest.extra['rows_computed']} computed now, "
+                          f"{manifest.extra['rows_reused']} reused from finished shards")
+    for col in ("source", "status", "shards", "requests", "responses", "computed", "reused", "truncated",
+                "dropped", "tok/s"):
         table.add_column(col, justify="left" if col in ("source", "status") else "right")
     for name, s in manifest.extra["per_source"].items():
         o = outcomes.get(name)
         rate = f"{o.completion_tokens / o.seconds:.0f}" if o and o.seconds else "-"
         dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "0"
         table.add_row(name, o.status if o else "-", f"{s['shards_done']}/{s['shards']}",
-                      str(s["requests"]), str(s["responses"]), str(s["truncated"]), dropped,
-                      str(o.computed if o else 0), rate)
+                      str(s["requests"]), str(s["responses"]), str(s["rows_computed"]), str(s["rows_reused"]),
+                      str(s["truncated"]), dropped, rate)
     return table

@@ -130,9 +130,9 @@ def run(job: dict) -> int:
         seconds = time.time() - t0
         meta = {
             "shard_id": shard.shard_id, "source": source.name, "domain": shard.domain, "n": shard.n,
-            "requests": len(shard.prompt_ids), "dropped": dropped, "engine": source.engine,
-            "max_model_len": engine.max_model_len, "host": socket.gethostname(), "pid": os.getpid(),
-            "seconds": seconds,
+            "requests": len(shard.prompt_ids), "prompt_ids": list(shard.prompt_ids), "dropped": dropped,
+            "engine": source.engine, "max_model_len": engine.max_model_len, "host": socket.gethostname(),
+            "pid": os.getpid(), "seconds": seconds, "finished_at": time.time(),
         }
         write_shard(recipe, shard, rows, meta)
         emit("shard", shard=shard.shard_id, prompts=len(shard.prompt_ids), responses=len(rows),

@@ -1,8 +1,14 @@
 """Score stage: responses -> scores/scores.parquet (reward model, math answers, code tests).
 
-Work is cut into shards of `scoring.shard_size` responses; each shard's reward scores and check
-results are written atomically to `scores/shards/` under a name that hashes their inputs and
-settings, so a rerun after a kill computes only the shards that are missing.
+Work is keyed by content: a response's reward depends on its id, its text and its prompt's turns
+(and the reward model's settings), its check on its id, its text and its prompt's gold answer,
+tests and setup (and the check settings). Finished reward scores live in
+`scores/shards/reward-<settings hash>/`, check results in `scores/shards/checks-<settings hash>/`,
+each row under its key. A run computes only the rows whose key no finished shard holds, sorted by
+prompt (all samples of a prompt in one shard: the reward model reads the prompt once) and cut into
+new shards of `scoring.shard_size` rows, each written atomically. So a rerun after a kill computes
+what is missing, one more source scores only its responses, and a new reward model recomputes
+rewards but reuses the checks. Shards of earlier settings stay until `fusechat prune`.
 
 Several GPUs: one process per GPU, each scoring every n-th missing shard with its own copy of the
 reward model (`CUDA` device i for process i); the main process merges the shard files. One GPU or
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,14 +67,18 @@ def _load_prompts(path: Path) -> dict[str, dict[str, Any]]:
 
 @dataclass
 class Inputs:
-    """The responses to score, joined with their prompts. Texts stay in the Arrow column and
-    become Python strings one shard at a time: at the recipe's volume they are gigabytes."""
+    """The responses to score, joined with their prompts. Texts are gigabytes at the recipe's
+    volume: they stay in the file and are read row group by row group (a row group is a sampling
+    shard), only the groups that hold rows to compute are kept in Arrow, and they become Python
+    strings one shard at a time."""
 
-    table: pa.Table  # RESPONSE_COLUMNS of responses.parquet, every row
+    table: pa.Table  # RESPONSE_COLUMNS of responses.parquet but the text, every row
+    path: Path  # responses.parquet
     prompts: dict[str, dict[str, Any]]
     kept: np.ndarray  # table rows kept, in table order (the order of scores.parquet)
     domain: np.ndarray  # per table row: its prompt's domain (None when the prompt is unknown)
-    _starts: np.ndarray | None = None  # first row of each chunk of the text column
+    starts: np.ndarray  # first table row of each row group of the file
+    _texts: dict[int, pa.Array] = field(default_factory=dict)  # row group -> its texts, as read
 
     def column(self, name: str, rows) -> list:
         import pyarrow as pa
@@ -77,28 +87,40 @@ class Inputs:
             return self.domain[rows].tolist()
         return self.table.column(name).take(pa.array(rows, pa.int64())).to_pylist()
 
+    def group_texts(self, group: int) -> pa.Array:
+        """One row group's texts as bytes (read from the file, not kept)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column = pq.ParquetFile(self.path).read_row_group(group, columns=["text"]).column("text")
+        return column.combine_chunks().cast(pa.binary())
+
     def texts(self, rows) -> pa.Array:
-        """The texts of the given table rows, as bytes. Taken chunk by chunk: the column has one
-        chunk per row group (a sampling shard), and a take across all chunks at once would join
-        them all first, for every shard."""
+        """The texts of the given table rows, as bytes, taken row group by row group (the groups
+        read once and kept until `forget_texts`)."""
         import numpy as np
         import pyarrow as pa
 
-        column = self.table.column("text")
-        if self._starts is None:
-            self._starts = np.cumsum([0] + [len(c) for c in column.chunks])[:-1]
         rows = np.asarray(rows, dtype=np.int64)
-        chunk = np.searchsorted(self._starts, rows, side="right") - 1
-        order = np.argsort(chunk, kind="stable")
+        group = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(group, kind="stable")
         parts = []
-        for group in np.split(order, np.flatnonzero(np.diff(chunk[order])) + 1):
-            if len(group):
-                c = int(chunk[group[0]])
-                parts.append(column.chunk(c).take(pa.array(rows[group] - self._starts[c])).cast(pa.binary()))
+        for part in np.split(order, np.flatnonzero(np.diff(group[order])) + 1):
+            if len(part):
+                g = int(group[part[0]])
+                if g not in self._texts:
+                    self._texts[g] = self.group_texts(g)
+                parts.append(self._texts[g].take(pa.array(rows[part] - self.starts[g])))
         got = pa.concat_arrays(parts) if parts else pa.array([], pa.binary())
         back = np.empty(len(rows), dtype=np.int64)
         back[order] = np.arange(len(rows))
         return got.take(pa.array(back))
+
+    def forget_texts(self) -> None:
+        import pyarrow as pa
+
+        self._texts.clear()
+        pa.default_memory_pool().release_unused()
 
     def rows(self, rows) -> tuple[list[dict[str, Any]], int]:
         """The given table rows as dicts with text and prompt fields, and how many texts were not
@@ -135,12 +157,18 @@ def load_inputs(recipe: Recipe, manifest: Manifest) -> Inputs:
     import pandas as pd
     import pyarrow as pa
 
+    import pyarrow.parquet as pq
+
     run = recipe.run_path()
     prompts = _load_prompts(run / "prompts" / "prompts.parquet")
-    table = read(RESPONSES, run / "responses" / "responses.parquet", RESPONSE_COLUMNS, only=True)
-    # one chunk per column except the texts (gigabytes, kept as read): takes per shard stay cheap
-    table = pa.table({c: table.column(c) if c == "text" else table.column(c).combine_chunks()
-                      for c in table.column_names})
+    path = run / "responses" / "responses.parquet"
+    # the texts stay in the file (Inputs.texts); the other columns, one chunk each: takes stay cheap
+    table = read(RESPONSES, path, [c for c in RESPONSE_COLUMNS if c != "text"], only=True)
+    table = pa.table({c: table.column(c).combine_chunks() for c in table.column_names})
+    file = pq.ParquetFile(path)
+    if "text" not in file.schema_arrow.names:
+        raise InputError(path, "missing column(s) text of the responses table (docs/architecture.md)")
+    starts = np.cumsum([0] + [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)])[:-1]
     manifest.rows_in = table.num_rows
     frame = pd.DataFrame({"rid": table.column("response_id").to_pandas(),
                           "pid": table.column("prompt_id").to_pandas()})
@@ -151,7 +179,7 @@ def load_inputs(recipe: Recipe, manifest: Manifest) -> Inputs:
     duplicate = np.arange(len(frame)) > first_known.to_numpy()
     manifest.drop("duplicate_response_id", int(duplicate.sum()))
     manifest.drop("unknown_prompt_id", int((~duplicate & ~known).sum()))
-    return Inputs(table, prompts, np.flatnonzero(known & ~duplicate), domain)
+    return Inputs(table, path, prompts, np.flatnonzero(known & ~duplicate), domain, starts)
 
 
 def _load_rows(recipe: Recipe, manifest: Manifest) -> list[dict[str, Any]]:
@@ -175,7 +203,7 @@ def _reward_shard(scorer, rows: list[dict], path: Path, progress=None) -> None:
                                         for i in todo], progress=progress)):
         outputs[i] = o
     write_table(pa.Table.from_pylist([
-        {"response_id": r["response_id"], "reward": o.score, "objective_rewards": o.objectives,
+        {"key": r["key"], "response_id": r["response_id"], "reward": o.score, "objective_rewards": o.objectives,
          "reward_truncated": o.truncated, "reward_detail": o.detail}
         for r, o in zip(rows, outputs)
     ], schema=REWARD_SHARD.schema()), path, REWARD_SHARD)
@@ -221,7 +249,8 @@ def _score_rewards(recipe: Recipe, model_path: str, todo: list[tuple[list[dict],
 def _check_shard(checkers: Checkers, rows: list[dict], path: Path, progress) -> None:
     import pyarrow as pa
 
-    out = [{"response_id": r["response_id"], "check": "none", "check_status": "none", "check_detail": ""} for r in rows]
+    out = [{"key": r["key"], "response_id": r["response_id"], "check": "none", "check_status": "none",
+            "check_detail": ""} for r in rows]
     math_idx, code_idx = [], []
     for i, r in enumerate(rows):
         if r["domain"] == "math":
@@ -246,44 +275,124 @@ def _check_shard(checkers: Checkers, rows: list[dict], path: Path, progress) -> 
     write_table(pa.Table.from_pylist(out, schema=CHECK_SHARD.schema()), path, CHECK_SHARD)
 
 
-# -- stage --------------------------------------------------------------------------------------
-def _shard_paths(recipe: Recipe, part: list[dict], k: int, revision: str, shards_dir: Path) -> tuple[Path, Path]:
-    """The reward and check files of shard `k`: names that hash its inputs and settings."""
+# -- the work plan ------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What a run holds and what it must compute, per kept response (in kept order)."""
+
+    reward_dir: Path  # scores/shards/reward-<hash of the reward model's settings>
+    check_dir: Path  # scores/shards/checks-<hash of the check settings>
+    reward_keys: pa.Array
+    check_keys: pa.Array
+    # new shards: (table rows, their keys, the file to write)
+    reward_todo: list[tuple[np.ndarray, list[str], Path]]
+    check_todo: list[tuple[np.ndarray, list[str], Path]]
+    empty: int  # responses with no text but whitespace
+    non_utf8: int  # texts not valid UTF-8 (decoded with replacement characters)
+    damaged: list[Path]  # shard files that could not be read, moved to damaged/
+
+    def rows(self, kind: str) -> dict[str, int]:
+        todo = self.reward_todo if kind == "reward" else self.check_todo
+        computed = sum(len(rows) for rows, _, _ in todo)
+        return {"rows_computed": computed, "rows_reused": len(self.reward_keys) - computed}
+
+
+def settings_dirs(recipe: Recipe, revision: str, shards_dir: Path) -> tuple[Path, Path]:
+    """The folders of the reward scores and check results of the recipe's settings."""
     rm, s = recipe.scoring.reward_model, recipe.scoring
     reward_settings = [rm.model, revision, rm.kind, rm.max_length, rm.overlong, rm.dtype]
     check_settings = [s.math.model_dump(), s.code.model_dump()]
-    content = stable_hash([(r["response_id"], r["text"]) for r in part])
-    checks_in = stable_hash([(r["gold_answer"], r["tests"], r["setup"], r["prelude"]) for r in part])
-    return (shards_dir / f"reward-{k:05d}-{stable_hash(content, reward_settings)}.parquet",
-            shards_dir / f"checks-{k:05d}-{stable_hash(content, checks_in, check_settings)}.parquet")
+    return (shards_dir / f"reward-{stable_hash(reward_settings)}",
+            shards_dir / f"checks-{stable_hash(check_settings)}")
 
 
-def _shards(recipe: Recipe, rows: list[dict], revision: str, shards_dir: Path):
-    """(rows, reward path, check path) per shard of a list of rows (`_load_rows`)."""
-    size = recipe.scoring.shard_size
-    # all samples of a prompt, from every source, in one shard: the reward model reads the prompt once
-    rows = sorted(rows, key=lambda r: r["prompt_id"])
-    for k in range(0, len(rows), size):
-        part = rows[k : k + size]
-        yield (part, *_shard_paths(recipe, part, k // size, revision, shards_dir))
+def row_keys(inputs: Inputs) -> tuple[pa.Array, pa.Array, int, int]:
+    """Reward and check keys of every kept row, and the empty and non-UTF-8 texts among them.
+
+    Texts are read and hashed row group by row group in file order (one sampling shard at a time),
+    so only one group's texts are in memory at any time and reads stay sequential."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+
+    reward_of, check_of = {}, {}
+    for pid, p in inputs.prompts.items():
+        reward_of[pid] = stable_hash(p["messages"]).encode()
+        check_of[pid] = stable_hash(p["gold_answer"], p["tests"], p["meta"].get("test_setup", "") or "",
+                                    p["meta"].get(PRELUDE_KEY, "") or "").encode()
+    rids, pids = inputs.table.column("response_id"), inputs.table.column("prompt_id")
+    reward_keys: list[str] = []
+    check_keys: list[str] = []
+    empty = non_utf8 = 0
+    bounds = [*inputs.starts.tolist(), inputs.table.num_rows]
+    for g in range(len(inputs.starts)):
+        lo, hi = np.searchsorted(inputs.kept, bounds[g : g + 2])
+        rows = inputs.kept[lo:hi]
+        if not len(rows):
+            continue
+        taken = pa.array(rows, pa.int64())
+        raw_texts = inputs.group_texts(g).take(pa.array(rows - bounds[g], pa.int64())).to_pylist()
+        for rid, pid, raw in zip(rids.take(taken).to_pylist(), pids.take(taken).to_pylist(), raw_texts):
+            raw = raw or b""
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", errors="replace")
+                non_utf8 += 1
+            empty += not text.strip()
+            head = rid.encode() + b"\0" + hashlib.blake2b(raw, digest_size=16).digest()
+            reward_keys.append(hashlib.blake2b(head + reward_of[pid], digest_size=16).hexdigest())
+            check_keys.append(hashlib.blake2b(head + check_of[pid], digest_size=16).hexdigest())
+    return pa.array(reward_keys, pa.string()), pa.array(check_keys, pa.string()), empty, non_utf8
 
 
-def shard_plan(recipe: Recipe, inputs: Inputs, revision: str, shards_dir: Path):
-    """The shards of `_shards`, one at a time: (table rows, rows as dicts, texts not valid UTF-8,
-    reward path, check path). Only one shard's texts are Python strings at any time."""
+def _missing(folder: Path, spec, keys: pa.Array, inputs: Inputs, size: int, damaged: list[Path]):
+    """New shards for the kept rows whose key no readable shard file in `folder` holds."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    held = []
+    for path in sorted(folder.glob("*.parquet")):
+        if readable(path):
+            held.append(read(spec, path, ("key",), only=True).column("key"))
+        else:  # cut short (full disk, killed copy): work to redo, not an input to trust
+            damaged.append(set_aside(path))
+    have = pa.chunked_array(held, pa.string()).combine_chunks() if held else pa.array([], pa.string())
+    missing = np.flatnonzero(~pc.is_in(keys, value_set=have).to_numpy(zero_copy_only=False))
+    rows, todo_keys = inputs.kept[missing], keys.take(pa.array(missing, pa.int64()))
+    # all samples of a prompt, from every source, in one shard: the reward model reads the prompt once
+    # (Arrow's sort is stable, and orders UTF-8 bytes as Python orders code points)
+    order = pc.sort_indices(inputs.table.column("prompt_id").take(pa.array(rows, pa.int64()))).to_numpy()
+    rows, todo_keys = rows[order], todo_keys.take(pa.array(order, pa.int64())).to_pylist()
+    todo = []
+    for k in range(0, len(rows), size):
+        part = todo_keys[k : k + size]
+        todo.append((rows[k : k + size], part, folder / f"{stable_hash(part)}.parquet"))
+    return todo
+
+
+def plan(recipe: Recipe, inputs: Inputs, revision: str, shards_dir: Path) -> Plan:
+    reward_dir, check_dir = settings_dirs(recipe, revision, shards_dir)
+    reward_keys, check_keys, empty, non_utf8 = row_keys(inputs)
+    damaged: list[Path] = []
     size = recipe.scoring.shard_size
-    # Arrow's sort is stable, as `sorted` is, and orders UTF-8 bytes as Python orders code points
-    pids = inputs.table.column("prompt_id").take(pa.array(inputs.kept, pa.int64()))
-    order = inputs.kept[pc.sort_indices(pids).to_numpy()]
-    for k in range(0, len(order), size):
-        rows = order[k : k + size]
-        part, non_utf8 = inputs.rows(rows)
-        yield (rows, part, non_utf8, *_shard_paths(recipe, part, k // size, revision, shards_dir))
+    return Plan(reward_dir, check_dir, reward_keys, check_keys,
+                _missing(reward_dir, REWARD_SHARD, reward_keys, inputs, size, damaged),
+                _missing(check_dir, CHECK_SHARD, check_keys, inputs, size, damaged),
+                empty, non_utf8, damaged)
 
 
+def todo_rows(inputs: Inputs, rows, keys: list[str]) -> list[dict[str, Any]]:
+    """One new shard's rows as dicts (`Inputs.rows`), each with its key."""
+    part, _ = inputs.rows(rows)
+    for r, key in zip(part, keys):
+        r["key"] = key
+    return part
+
+
+# -- stage --------------------------------------------------------------------------------------
 def run_score(recipe: Recipe, ray_address: str | None = None) -> Manifest:
     import pyarrow as pa
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -299,16 +408,9 @@ def run_score(recipe: Recipe, ray_address: str | None = None) -> Manifest:
     inputs = load_inputs(recipe, manifest)
     model_path, revision = resolve_model(recipe)
     manifest.models[recipe.scoring.reward_model.model] = revision
-    shards, empty, non_utf8 = [], 0, 0
-    for rows, part, bad_utf8, rp, cp in shard_plan(recipe, inputs, revision, shards_dir):
-        shards.append((rows, rp, cp))
-        empty += sum(not r["text"].strip() for r in part)
-        non_utf8 += bad_utf8
-    manifest.extra["non_utf8_text"] = non_utf8
-    # a shard file cut short (full disk, killed copy) is work to redo, not an input to trust
-    damaged = [set_aside(p) for _, rp, cp in shards for p in (rp, cp) if p.exists() and not readable(p)]
-    reward_todo = [(inputs.rows(rows)[0], rp) for rows, rp, _ in shards if not rp.exists()]
-    check_todo = [(rows, cp) for rows, _, cp in shards if not cp.exists()]
+    work = plan(recipe, inputs, revision, shards_dir)
+    manifest.extra["non_utf8_text"] = work.non_utf8
+    reward_todo = [(todo_rows(inputs, rows, keys), path) for rows, keys, path in work.reward_todo]
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     checkers = Checkers(recipe)
@@ -318,59 +420,56 @@ def run_score(recipe: Recipe, ray_address: str | None = None) -> Manifest:
                 task = bar.add_task("reward model", total=sum(len(p) for p, _ in reward_todo))
                 _score_rewards(recipe, model_path, reward_todo, lambda n=1: bar.advance(task, n),
                                ray_address=ray_address)
-            if check_todo:
-                task = bar.add_task("math + code checks", total=sum(len(p) for p, _ in check_todo))
-                for rows, path in check_todo:
-                    _check_shard(checkers, inputs.rows(rows)[0], path, lambda n=1: bar.advance(task, n))
+            if work.check_todo:
+                task = bar.add_task("math + code checks", total=sum(len(r) for r, _, _ in work.check_todo))
+                for rows, keys, path in work.check_todo:
+                    _check_shard(checkers, todo_rows(inputs, rows, keys), path, lambda n=1: bar.advance(task, n))
     finally:
         checkers.close()
     if checkers.isolation is not None:
         manifest.extra["sandbox"] = checkers.isolation
 
     # the texts are done with: the merge holds every score and check instead
-    inputs.table = inputs.table.drop_columns(["text"])
-    pa.default_memory_pool().release_unused()
-    merged, reward_detail = _merge(inputs, shards)
+    del reward_todo
+    inputs.forget_texts()
+    merged, reward_detail = _merge(inputs, work)
     write_table(merged, out_dir / "scores.parquet", SCORES)
-    expected = {p.name for _, rp, cp in shards for p in (rp, cp)}
-    for stale in shards_dir.glob("*.parquet"):  # shards of earlier settings or inputs
-        if stale.name not in expected:
-            stale.unlink()
     manifest.rows_out = merged.num_rows
     manifest.outputs["scores.parquet"] = merged.num_rows
     manifest.extra.update(_counts(inputs, merged, reward_detail))
-    manifest.extra["empty_responses"] = empty
-    manifest.extra["shards"] = {"total": len(shards), "reward_computed": len(reward_todo),
-                                "checks_computed": len(check_todo)}
-    # shard files that could not be read, moved to shards/damaged/ and computed again
-    manifest.extra["damaged_shards"] = [str(p.relative_to(out_dir)) for p in damaged]
+    manifest.extra["empty_responses"] = work.empty
+    manifest.extra["reward"] = work.rows("reward")
+    manifest.extra["checks"] = work.rows("checks")
+    manifest.extra["shards"] = {"reward_computed": len(work.reward_todo), "checks_computed": len(work.check_todo)}
+    # shard files that could not be read, moved to damaged/ and computed again
+    manifest.extra["damaged_shards"] = [str(p.relative_to(out_dir)) for p in work.damaged]
     manifest.extra["summary"] = summary(merged)
     manifest.check_balance()
     manifest.save(out_dir)
-    _print_summary(manifest.extra["summary"])
+    _print_summary(manifest.extra["summary"], manifest.extra)
     return manifest
 
 
-def _merge(inputs: Inputs, shards) -> tuple[pa.Table, pa.ChunkedArray]:
+def _merge(inputs: Inputs, work: Plan) -> tuple[pa.Table, pa.ChunkedArray]:
     """scores.parquet's table (kept responses in table order) joined in Arrow with the shard
-    files, and the reward shards' `reward_detail` per row."""
+    files of the recipe's settings by key, and the reward shards' `reward_detail` per row."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    def gather(spec, paths):
-        tables = [read(spec, p) for p in paths]
+    def gather(spec, folder):
+        tables = [read(spec, p) for p in sorted(folder.glob("*.parquet"))]
         return pa.concat_tables(tables) if tables else spec.schema().empty_table()
 
-    rw = gather(REWARD_SHARD, [rp for _, rp, _ in shards])
-    ck = gather(CHECK_SHARD, [cp for _, _, cp in shards])
     kept = pa.array(inputs.kept, pa.int64())
     t = inputs.table.select(["response_id", "prompt_id", "source", "truncated"]).take(kept)
     rid = t.column("response_id").combine_chunks()
     joined = []
-    for table in (rw, ck):
-        at = pc.index_in(rid, value_set=table.column("response_id").combine_chunks())
-        if at.null_count:  # every kept response is in exactly one shard: a bug, not bad input
+    for spec, folder, keys in ((REWARD_SHARD, work.reward_dir, work.reward_keys),
+                               (CHECK_SHARD, work.check_dir, work.check_keys)):
+        table = gather(spec, folder)
+        at = pc.index_in(keys, value_set=table.column("key").combine_chunks())
+        if at.null_count:  # every kept response is in some shard: a bug, not bad input
             raise KeyError(rid[int(np.flatnonzero(pc.is_null(at).to_numpy(zero_copy_only=False))[0])].as_py())
         joined.append(table.take(at))
     rw, ck = joined
@@ -439,11 +538,13 @@ def summary(merged: pa.Table) -> list[dict[str, Any]]:
     return out
 
 
-def _print_summary(rows: list[dict[str, Any]]) -> None:
+def _print_summary(rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="scores per source and domain")
+    books = "; ".join(f"{what}: {extra[k]['rows_computed']} rows computed, {extra[k]['rows_reused']} reused"
+                      for what, k in (("reward model", "reward"), ("checks", "checks")))
+    table = Table(title="scores per source and domain", caption=books)
     for col in ("source", "domain", "responses", "mean reward", "no reward", "math correct (n)", "code pass (n)"):
         table.add_column(col, justify="left" if col in ("source", "domain") else "right", no_wrap=True)
 
