@@ -165,6 +165,19 @@ def doctor(recipe: RecipeArg, run_dir: RunDirOpt = None) -> None:
         raise typer.Exit(1)
 
 
+@app.command("prune")
+def prune(
+    recipe: RecipeArg,
+    run_dir: RunDirOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed, remove nothing")] = False,
+) -> None:
+    """Remove the sampling and scoring shards the recipe no longer uses (other settings, sources or
+    prompts), and say how many files and MB; stage runs themselves never delete finished work."""
+    from fusechat.prune import prune as remove_unused
+
+    _call(remove_unused, recipe, run_dir, dry_run=dry_run)
+
+
 @recipe_app.command("validate")
 def recipe_validate(recipe: RecipeArg, run_dir: RunDirOpt = None) -> None:
     """Validate a recipe: schema, values and local paths."""
