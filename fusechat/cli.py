@@ -128,9 +128,22 @@ def _score_command(stage: str):
     return command
 
 
+def _eval_command(stage: str):
+    def command(
+        recipe: RecipeArg,
+        run_dir: RunDirOpt = None,
+        ray_address: Annotated[
+            Optional[str], typer.Option(help="generate on this Ray cluster (head host:port, or auto); default: this machine")
+        ] = None,
+    ) -> None:
+        _run_stage(stage, recipe, run_dir, ray_address=ray_address)
+
+    return command
+
+
 # one command per stage, in pipeline order; the stages with options of their own get their own form
 _FORMS = {"sft": _train_command, "dpo": _train_command, "publish": _publish_command, "sample": _cluster_command,
-          "score": _score_command}
+          "score": _score_command, "eval": _eval_command}
 for _stage in STAGES.values():
     _command = _FORMS.get(_stage.name, _plain_command)(_stage.name)
     _command.__doc__ = _stage.doc

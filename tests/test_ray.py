@@ -123,10 +123,15 @@ def test_ray_address_that_does_not_answer(tiny_models, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _reward_tasks_run(tmp_path_factory) -> int:
+def _tasks_run(tmp_path_factory, task: str) -> int:
     """Ray marks each task's start in its worker's log."""
-    logs = tmp_path_factory.getbasetemp().glob("ray*/tmp/session_latest/logs/worker-*.out")
-    return sum(p.read_text(errors="replace").count(":task_name:_reward_task") for p in logs)
+    # resolved: `raycurrent` is a link to the newest `rayN`
+    logs = {p.resolve() for p in tmp_path_factory.getbasetemp().glob("ray*/tmp/session_latest/logs/worker-*.out")}
+    return sum(p.read_text(errors="replace").count(f":task_name:{task}") for p in logs)
+
+
+def _reward_tasks_run(tmp_path_factory) -> int:
+    return _tasks_run(tmp_path_factory, "_reward_task")
 
 
 @pytest.mark.slow
@@ -166,7 +171,9 @@ def test_score_flow_on_ray(ray_cluster, tiny_armorm, tmp_path, tmp_path_factory)
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PREFECT_MEMO_STORE_PATH=str(home / "memo_store.toml"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               # the temporary server gets 20 s to start by default: too few on 2 busy cores
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
 
     write_run(tmp_path / "run")
     before = _reward_tasks_run(tmp_path_factory)
@@ -177,3 +184,39 @@ def test_score_flow_on_ray(ray_cluster, tiny_armorm, tmp_path, tmp_path_factory)
     manifest = json.loads((tmp_path / "run" / "scores" / "manifest.json").read_text())
     assert manifest["rows_in"] == manifest["rows_out"] + sum(manifest["dropped"].values()) > 0
     assert _reward_tasks_run(tmp_path_factory) > before
+
+
+@pytest.mark.slow
+def test_eval_generates_on_ray(ray_cluster, tiny_models, tiny_armorm, tmp_path, tmp_path_factory):
+    """Eval's models generate as Ray tasks, side by side: the same generations as on this machine."""
+    import yaml
+
+    from fusechat.demo import world
+    from fusechat.eval.stage import run_eval
+
+    def eval_recipe(folder):
+        world.write_prompts(folder / "demo", sizes={"eval": 1, "train": 1})
+        data = {
+            "name": "eval-ray", "run_dir": "run", "seed": 3,
+            "sources": [{"name": n, "model": str(tiny_models[m]), "family": m, "engine": "transformers"}
+                        for n, m in (("src-llama", "llama3"), ("src-qwen", "qwen2"))],
+            "datasets": [{"name": "d", "path": "demo/train", "adapter": "demo", "domain": "math"}],
+            "scoring": {"reward_model": {"model": str(tiny_armorm)}, "code": {"timeout_s": 5, "workers": 1},
+                        "math": {"workers": 1}},
+            "target": {"model": str(tiny_models["mistral"]), "family": "mistral"},
+            "eval": {"benchmarks": ["demo"], "max_tokens": 8, "engine": "transformers", "files": {"demo": "demo/eval"}},
+        }
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(data))
+        return folder / "recipe.yaml"
+
+    local, remote = eval_recipe(tmp_path / "local"), eval_recipe(tmp_path / "ray")
+    run_eval(load_recipe(local))
+    before = _tasks_run(tmp_path_factory, "_worker_task")
+    proc = subprocess.run([sys.executable, "-m", "fusechat", "eval", str(remote), "--ray-address", ray_cluster],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _tasks_run(tmp_path_factory, "_worker_task") - before == 3  # one Ray task per model
+    cols = ["model", "set", "prompt_id", "text", "correct", "check_status"]
+    a, b = (pq.read_table(f.parent / "run" / "eval" / "generations.parquet").select(cols).to_pylist()
+            for f in (local, remote))
+    assert a == b and len(a) == 3 * 4  # three models, one held-out item per demo domain

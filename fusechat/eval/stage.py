@@ -96,8 +96,11 @@ def write_prompt_table(work: Recipe, items: list[Item]) -> None:
     write_table(PROMPTS.from_rows(rows), stage_dir(work, "prompts") / "prompts.parquet", PROMPTS)
 
 
-def generate(work: Recipe, console) -> tuple[dict[str, str], dict[str, list], dict[str, Any]]:
-    """Missing shards of every model; returns revisions, shards and outcomes (or errors) per model."""
+def generate(work: Recipe, console, launchers: dict[str, Any] | None = None
+             ) -> tuple[dict[str, str], dict[str, list], dict[str, Any]]:
+    """Missing shards of every model; returns revisions, shards and outcomes (or errors) per model.
+    With `launchers` (fusechat.cluster.source_launchers), each model's worker runs as a Ray task
+    wherever its GPUs are free, the models side by side."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fusechat.sampling.shards import load_prompts, model_revision, plan_source, shard_path
@@ -129,10 +132,17 @@ def generate(work: Recipe, console) -> tuple[dict[str, str], dict[str, list], di
             elif ev["event"] == "retry":
                 progress.update(task, note=f"retrying: {ev['message'][:50]}")
 
-        for source in work.sources:
-            if source.name in tasks:
-                outcomes[source.name] = sample_source(work, source.name, shards[source.name], revisions[source.name],
-                                                      on_event, retries=1)
+        todo = [s.name for s in work.sources if s.name in tasks]
+        if launchers is None:
+            for name in todo:
+                outcomes[name] = sample_source(work, name, shards[name], revisions[name], on_event, retries=1)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max(len(todo), 1)) as pool:
+                running = {name: pool.submit(sample_source, work, name, shards[name], revisions[name], on_event, 1,
+                                             launchers[name]) for name in todo}
+            outcomes.update({name: f.result() for name, f in running.items()})
     return revisions, shards, outcomes
 
 
@@ -234,7 +244,9 @@ def _generations_table(rows: list[dict]):
     return EVAL_GENERATIONS.from_rows({k: r[k] for k in EVAL_GENERATIONS.names} for r in rows)
 
 
-def run_eval(recipe: Recipe) -> Manifest:
+def run_eval(recipe: Recipe, ray_address: str | None = None) -> Manifest:
+    """With `ray_address`, the models generate on that Ray cluster (fusechat.cluster); checks,
+    rewards and the report run here."""
     recipe.require("eval", "target")
     from rich.console import Console
 
@@ -248,7 +260,12 @@ def run_eval(recipe: Recipe) -> Manifest:
     work = work_recipe(recipe, models)
     write_prompt_table(work, all_items)
     man = Manifest.start(recipe, "eval")
-    revisions, shards, outcomes = generate(work, console)
+    launchers = None
+    if ray_address:  # checked before any model starts: a model no node can hold fails here
+        from fusechat.cluster import source_launchers
+
+        launchers = source_launchers(work, ray_address)
+    revisions, shards, outcomes = generate(work, console, launchers)
     rows = collect(work, items, shards, outcomes, man)
 
     from rich.progress import Progress
