@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from fusechat.errors import InputError
 from fusechat.run import Manifest, set_aside, stable_hash, stage_dir, write_table
-from fusechat.tables import CHECK_SHARD, PROMPTS, RESPONSES, REWARD_SHARD, SCORES, read, readable
+from fusechat.tables import CHECK_SHARD, PROMPTS, RESPONSES, REWARD_SHARD, RIGHT, SCORES, read, readable
 from fusechat.scoring.checks import PRELUDE_KEY, Checkers
 from fusechat.scoring.reward import recipe_scorer, resolve_model
 
@@ -529,7 +529,7 @@ def summary(merged: pa.Table) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"source": source, "domain": domain, "responses": len(idx),
                                "mean_reward": sum(rewards) / len(rewards) if rewards else None,
                                "reward_null": len(idx) - len(rewards)}
-        for name, good in (("math", "correct"), ("code", "pass")):
+        for name, (good,) in RIGHT.items():  # the one right status of each check
             checked = idx[check[idx] == name]
             if len(checked):
                 row[f"{name}_checked"] = len(checked)
