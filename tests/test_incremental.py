@@ -99,14 +99,12 @@ def run(tmp_path_factory):
     return r
 
 
-def test_adding_a_source_samples_and_scores_only_its_responses(run):
+def test_adding_a_source_samples_and_scores_only_its_responses(run, capfd):
     before = {r["response_id"]: r["text"] for r in run.table("responses")}
     run.data["sources"].append(_source("mistral-code", {"code": 1, "instruction": 1}))
-    # through the command, whose summary says what it computed and reused
-    proc = subprocess.run([sys.executable, "-m", "fusechat", "sample", str(run.write())], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "responses: 4 computed now, 20 reused from finished shards" in proc.stderr
+    run_sample(run.recipe())
+    # the summary says what was computed and what reused
+    assert "responses: 4 computed now, 20 reused from finished shards" in capfd.readouterr().err
     rows = run.table("responses")
     new = [r for r in rows if r["source"] == "mistral-code"]
     assert len(new) == _expected(run)["mistral-code"] == 4
@@ -164,13 +162,16 @@ def test_prune_removes_what_the_recipe_no_longer_uses(run):
     files = lambda: sorted(shards.glob("*/shards/**/*.parquet"))  # noqa: E731
     before = files()
     scores, responses = run.table("scores"), run.table("responses")
-    dry = subprocess.run([sys.executable, "-m", "fusechat", "prune", str(run.write()), "--dry-run"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert dry.returncode == 0, dry.stderr[-3000:]
-    assert files() == before and "dry run" in dry.stderr
     from fusechat.prune import prune
 
-    found = {u.stage: u for u in prune(run.recipe())}
+    dry = {u.stage: u for u in prune(run.recipe(), dry_run=True)}
+    assert files() == before
+    # through the command, which deletes and says how much
+    proc = subprocess.run([sys.executable, "-m", "fusechat", "prune", str(run.write())], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unused files" in proc.stderr and "MB" in proc.stderr
+    found = dry
     # mistral-code's earlier settings; the earlier reward model's scores and the checks of mistral's old texts
     assert len(found["sample"].files) == 2 and all("mistral-code" in str(p) for p in found["sample"].files)
     assert found["score"].files and all(not p.exists() for u in found.values() for p in u.files)
