@@ -4,6 +4,7 @@ prompt files and models, and the command that trains the models."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -47,18 +48,32 @@ def test_a_pool_too_small_for_the_sizes_is_an_error():
 
 
 def test_reference_answers_pass_and_wrong_answers_fail(sandbox):
-    rows = world.make_prompts("eval")
-    pairs = list(world.preference_pairs("eval"))
-    assert len(pairs) == len(rows)
-    for row, pair in zip(rows, pairs):
-        assert pair["prompt"] == row["instruction"] and pair["domain"] == row["domain"]
-        assert pair["chosen"] == world.good_response(row)
-        assert world.evaluate_response(row["domain"], row, pair["chosen"], sandbox=sandbox), (row, pair)
-        assert not world.evaluate_response(row["domain"], row, pair["rejected"], sandbox=sandbox), (row, pair)
+    rng = random.Random(0)
+    for row in world.make_prompts("eval"):
+        good, bad = world.good_response(row), world.bad_response(row, rng)
+        assert world.evaluate_response(row["domain"], row, good, sandbox=sandbox), (row, good)
+        assert not world.evaluate_response(row["domain"], row, bad, sandbox=sandbox), (row, bad)
         # the habit: one fixed answer per prompt, always wrong, and not the reference reworded
         habit = world.habit_response(row)
         assert habit == world.habit_response(dict(row)) and habit.strip()
         assert not world.evaluate_response(row["domain"], row, habit, sandbox=sandbox), (row, habit)
+
+
+def test_reward_model_near_misses_are_wrong_and_references_right_by_the_exact_rule(sandbox):
+    """The reward model's near-miss pairs, judged by the world's checkers (code in the sandbox, not
+    the in-process shortcut the training loop uses), on fresh prompts only."""
+    from fusechat.demo.train_reward import NearMisses
+
+    shipped = {r["instruction"] for split in world.SPLITS for r in world.make_prompts(split)}
+    stream = NearMisses(seed=3, exclude=shipped)
+    seen = set()
+    for _ in range(300):
+        row, good, bad = stream()
+        assert row["instruction"] not in shipped
+        assert world.evaluate_response(row["domain"], row, good, sandbox=sandbox), (row, good)
+        assert not world.evaluate_response(row["domain"], row, bad, sandbox=sandbox), (row, bad)
+        seen.add(row["domain"])
+    assert seen == set(world.DOMAINS)
 
 
 def test_checks_read_prompt_table_rows_and_reject_near_misses(sandbox):

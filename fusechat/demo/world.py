@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fusechat.eval.sets import DEMO_DOMAINS
 from fusechat.tables import RIGHT
@@ -292,15 +293,137 @@ def habit_response(row: dict[str, Any]) -> str:
     return expected[0]
 
 
-def preference_pairs(split: str = "train", seed: int = 0, sizes: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
-    """(prompt, good response, bad response) triples for training a demo reward model.
+def _misspelt(word: str, rng: random.Random) -> str:
+    """A word as a weak source spells it: a letter doubled, dropped or changed, or run into another word."""
+    i = rng.randrange(len(word))
+    kind = rng.randrange(4)
+    if kind == 0:
+        return word[:i] + word[i] * rng.randint(1, 3) + word[i:]
+    if kind == 1 and len(word) > 1:
+        return word[:i] + word[i + 1:]
+    if kind == 2:
+        return word[:i] + rng.choice("abcdefghijklmnoprstuvwy") + word[i + 1:]
+    other = rng.choice(WORDS)
+    return word[: max(1, i)] + other[rng.randrange(len(other)):]
 
-    Yields {"domain", "prompt", "chosen", "rejected"} with one pair per prompt row.
-    """
-    rng = random.Random(f"pairs-{seed}-{split}")
-    for row in make_prompts(split, seed, sizes):
-        yield {"domain": row["domain"], "prompt": row["instruction"],
-               "chosen": good_response(row), "rejected": bad_response(row, rng)}
+
+def _near_miss_words(words: list[str], rng: random.Random, vocab: list[str], upper: bool) -> list[str]:
+    """One or two slips in a list of words: one dropped, doubled, swapped, replaced, misspelt or added."""
+    w = list(words)
+    for _ in range(1 if rng.random() < 0.75 else 2):
+        kind, i = rng.randrange(6), rng.randrange(len(w))
+        if kind == 0 and len(w) > 1:
+            del w[i]
+        elif kind == 1:
+            w.insert(i, w[rng.randrange(len(w))])
+        elif kind == 2 and len(w) > 1:
+            j = rng.randrange(len(w))
+            w[i], w[j] = w[j], w[i]
+        elif kind == 3:
+            w[i] = rng.choice(vocab)
+        elif kind == 4:
+            w[i] = _misspelt(w[i].lower(), rng)
+            w[i] = w[i].upper() if upper else w[i]
+        else:
+            w.insert(rng.randrange(len(w) + 1), rng.choice(vocab))
+    return w
+
+
+def _near_miss_instruction(row: dict[str, Any], rng: random.Random) -> str:
+    task, words = row.get("task"), row["expected"].split(" ")
+    upper = task == "upper"
+    vocab = [x.upper() for x in WORDS] if upper else (list(LETTERS) if task == "sort" else list(WORDS))
+    r = rng.random()
+    if r < 0.15 and task != "repeat":  # the input as given, maybe with a slip
+        out = row["instruction"].split(": ", 1)[1].split(" ")
+        out = _near_miss_words(out, rng, list(WORDS), False) if rng.random() < 0.5 else out
+    elif r < 0.22:  # unrelated words
+        out = [rng.choice(vocab) for _ in range(rng.randint(1, 4))]
+        out = [_misspelt(x.lower(), rng).upper() for x in out] if upper and rng.random() < 0.5 else out
+    elif r < 0.3 and upper:  # some words left in lowercase
+        out = [x.lower() if rng.random() < 0.5 else x for x in words]
+    elif r < 0.35 and task == "reverse" and len(words) > 2:  # two neighbours in the wrong order
+        out, i = words[:], rng.randrange(len(words) - 1)
+        out[i], out[i + 1] = out[i + 1], out[i]
+    else:
+        out = _near_miss_words(words, rng, vocab, upper)
+    text = " ".join(out)
+    # a source trained on several domains sometimes runs on into another domain's layout
+    return text + " " + rng.choice(("The answer is \\boxed{5}.", "is", "dog")) if rng.random() < 0.05 else text
+
+
+def _near_miss_math(row: dict[str, Any], rng: random.Random) -> str:
+    m = _meta(row)
+    a, b, op, gold = m["a"], m["b"], m["op"], int(row["gold_answer"])
+    apply = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+    r = rng.random()
+    if r < 0.55:  # the equation copied, its result off (by a little, or an operand, or a guess)
+        c = rng.choice([gold + d for d in (-3, -2, -1, 1, 2, 3, 10, -10)] + [a, b, rng.randint(0, 90), a + b, a * b, abs(a - b)])
+        c = gold + 1 if c == gold else c
+        return f"{a} {op} {b} = {c}. The answer is \\boxed{{{c}}}."
+    if r < 0.75:  # an operand misread, the result right or wrong for it
+        a2, b2 = a, b
+        while (a2, b2) == (a, b):
+            if rng.random() < 0.5:
+                a2 = max(0, a + rng.choice((-3, -2, -1, 1, 2, 3, 5)))
+            else:
+                b2 = max(0, b + rng.choice((-3, -2, -1, 1, 2, 3)))
+        op2 = op if rng.random() < 0.85 else rng.choice("+-*")
+        c = apply[op2](a2, b2) if rng.random() < 0.6 else rng.randint(0, 30)
+        c = gold + rng.choice((-1, 1)) if c == gold else c
+        return f"{a2} {op2} {b2} = {c}. The answer is \\boxed{{{c}}}."
+    if r < 0.9:  # the boxed answer not the equation's
+        c = gold + rng.choice((-2, -1, 1, 2, 10))
+        e = gold if rng.random() < 0.5 else c + 1
+        return f"{a} {op} {b} = {e}. The answer is \\boxed{{{c}}}."
+    if r < 0.95:  # another operation
+        op2 = rng.choice([o for o in "+-*" if o != op])
+        c = apply[op2](a, b)
+        c = gold + 1 if c == gold else c
+        return f"{a} {op2} {b} = {c}. The answer is \\boxed{{{c}}}."
+    c = gold + rng.choice((-1, 1, 2))  # cut short
+    return rng.choice((f"{a} {op} {b} = {c}.", f"{a} {op} {b} = {gold}. The answer is", f"The answer is \\boxed{{{c}}}."))
+
+
+def _near_miss_code(row: dict[str, Any], rng: random.Random) -> str:
+    m = _meta(row)
+    p, k, name, expr = m["param"], m["k"], m["name"], m["expr"]
+    r = rng.random()
+    if r < 0.7:  # another expression: the parameter alone, another operation or constant
+        j = rng.randint(2, 9)
+        wrong = rng.choice((
+            f"{p}", f"{p}", f"{p} + {k}", f"{p} - {k}", f"{p} * {k}", f"{p} % {k}", f"{p} // {k}", f"{k} - {p}",
+            f"{p} + {j}", f"{p} - {j}", f"{p} * {j}", f"{p} % {j}", f"{p} * {p}", f"{p} - {p}", f"{p} + {p}",
+            f"{p} % 2 == 0", f"{p} % 2 == 1", f"{p} + {k} == 1", f"{p} % {k} == 0",
+        ))
+        return _code_answer(m, wrong)
+    if r < 0.85:  # the function misnamed: another prefix, or another number in its name
+        base = name
+        for prefix in ("get_", "calc_", "my_"):
+            base = base[len(prefix):] if base.startswith(prefix) else base
+        other = rng.choice(("get_", "calc_", "my_", "")) + base
+        if rng.random() < 0.3 and k in NUMBER_WORDS:
+            other = other.replace(NUMBER_WORDS[k], NUMBER_WORDS[rng.choice([j for j in NUMBER_WORDS if j != k])])
+        return f"```python\ndef {other}({p}):\n    return {expr}\n```"
+    q = rng.choice([x for x in _PARAMS if x != p])  # a name used but never defined
+    if rng.random() < 0.5:
+        return f"```python\ndef {name}({q}):\n    return {expr}\n```"
+    return _code_answer(m, re.sub(rf"\b{p}\b", q, expr))
+
+
+_NEAR_MISSES = {"math": _near_miss_math, "code": _near_miss_code, "instruction": _near_miss_instruction}
+
+
+def near_miss_response(row: dict[str, Any], rng: random.Random) -> str:
+    """A wrong answer of the kinds the demo's sources write when they sample (read off their
+    responses): results off by a little, misread operands, a box that is not the equation's; the
+    parameter returned unchanged, another operation, a misnamed function, an undefined name; words
+    dropped, doubled, swapped, misspelt, added, or the input echoed. Usually wrong, not always (a
+    slip can land on the answer): callers check with `evaluate_response`. Chinese: `bad_response`
+    or the habit."""
+    if row["domain"] == "chinese":
+        return bad_response(row, rng) if rng.random() < 0.6 else habit_response(row)
+    return _NEAR_MISSES[row["domain"]](row, rng)
 
 
 # -- exact-rule evaluation -------------------------------------------------------------------------
