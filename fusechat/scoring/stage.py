@@ -79,6 +79,7 @@ class Inputs:
     domain: np.ndarray  # per table row: its prompt's domain (None when the prompt is unknown)
     starts: np.ndarray  # first table row of each row group of the file
     _texts: dict[int, pa.Array] = field(default_factory=dict)  # row group -> its texts, as read
+    _file: Any = None  # the open ParquetFile: opening reads the footer, which grows with the groups
 
     def column(self, name: str, rows) -> list:
         import pyarrow as pa
@@ -92,7 +93,9 @@ class Inputs:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        column = pq.ParquetFile(self.path).read_row_group(group, columns=["text"]).column("text")
+        if self._file is None:
+            self._file = pq.ParquetFile(self.path)
+        column = self._file.read_row_group(group, columns=["text"]).column("text")
         return column.combine_chunks().cast(pa.binary())
 
     def texts(self, rows) -> pa.Array:
@@ -120,6 +123,7 @@ class Inputs:
         import pyarrow as pa
 
         self._texts.clear()
+        self._file = None
         pa.default_memory_pool().release_unused()
 
     def rows(self, rows) -> tuple[list[dict[str, Any]], int]:
