@@ -50,7 +50,7 @@ def test_openai_engine_on_a_vllm_server(vllm_server, tiny_models, tmp_path):
     assert all(sorted(v) == list(range(len(v))) for v in by_prompt.values())
     # the ids the server itself reports it received: one BOS, at the start
     bos = AutoTokenizer.from_pretrained(tiny_models["llama3"]).bos_token_id
-    received = [ids for f in (recipe.run_path() / "responses" / "shards" / "served-llama").glob("*.parquet")
+    received = [ids for f in (recipe.run_path() / "responses" / "shards" / "served-llama").glob("*/*.parquet")
                 for ids in read_shard(f)[0].column("received_ids").to_pylist() if ids]
     assert len(received) == 4 + len(MATH)
     assert all(ids[0] == bos and ids.count(bos) == 1 for ids in received)
