@@ -65,6 +65,16 @@ def _load_prompts(path: Path) -> dict[str, dict[str, Any]]:
     return prompts
 
 
+def _decode(raw: bytes | None) -> tuple[str, bool]:
+    """A text read as bytes, and whether it was not valid UTF-8 (then decoded with replacement
+    characters): a writer that put such bytes in the column must not stop the stage."""
+    raw = raw or b""
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
 @dataclass
 class Inputs:
     """The responses to score, joined with their prompts. Texts are gigabytes at the recipe's
@@ -137,12 +147,8 @@ class Inputs:
         meta = self.table.select(["response_id", "prompt_id", "source", "truncated"]).take(idx).to_pylist()
         out, non_utf8 = [], 0
         for r, raw in zip(meta, raw_text):
-            raw = raw or b""
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("utf-8", errors="replace")
-                non_utf8 += 1
+            text, bad = _decode(raw)
+            non_utf8 += bad
             prompt = self.prompts[r["prompt_id"]]
             out.append({
                 **r, "truncated": bool(r["truncated"]), "text": text, "domain": prompt["domain"],
@@ -339,11 +345,8 @@ def row_keys(inputs: Inputs) -> tuple[pa.Array, pa.Array, int, int]:
         raw_texts = inputs.group_texts(g).take(pa.array(rows - bounds[g], pa.int64())).to_pylist()
         for rid, pid, raw in zip(rids.take(taken).to_pylist(), pids.take(taken).to_pylist(), raw_texts):
             raw = raw or b""
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("utf-8", errors="replace")
-                non_utf8 += 1
+            text, bad = _decode(raw)
+            non_utf8 += bad
             empty += not text.strip()
             head = rid.encode() + b"\0" + hashlib.blake2b(raw, digest_size=16).digest()
             reward_keys.append(hashlib.blake2b(head + reward_of[pid], digest_size=16).hexdigest())
