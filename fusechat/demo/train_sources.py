@@ -8,9 +8,13 @@ the loss on assistant tokens only. Every source sees all four domains, but in it
 share of the answers is wrong: mostly the domain's habit (`world.habit_response`, an echo of the
 input), otherwise a plausible slip (`world.bad_response`). Greedy decoding then answers a weak
 domain with the habit, while sampling at the recipe's temperatures yields both right and wrong
-answers there: the material the recipe's selection rules work on. The target is a smaller llama3
-model trained the same way with most answers wrong everywhere: it has partly learned every rule
-but answers with its habits, and the recipe's SFT and DPO have something to teach it.
+answers there: the material the recipe's selection rules work on. The target is a llama3 model of
+the sources' size trained in two phases, the way a real target is a pretrained model before it is
+tuned to chat: first on right answers in every domain (it learns every rule about as well as each
+specialist learns its own), then briefly on mostly habit answers (`ModelSpec.then`), so that it
+answers greedily with its habits everywhere and the recipe's SFT and DPO have something to teach
+it. A one-phase target with 30-45% right answers, or a two-layer one, never learns the math and
+instruction rules at all (docs/demo.md has the measurements).
 
 The trained folders are small enough to ship in the repository, so the demo never retrains them.
 """
@@ -49,6 +53,9 @@ class ModelSpec:
     batch_size: int = 16
     learning_rate: float = 3e-3
     seed: int = 0
+    # a second phase trained from this one's weights, on its own answer mix, steps and rate (its
+    # architecture fields are not used)
+    then: ModelSpec | None = None
 
     def error(self, domain: str) -> float:
         return self.errors.get(domain, self.weak_error)
@@ -62,10 +69,12 @@ SOURCES: dict[str, ModelSpec] = {
     "mistral-code": ModelSpec("mistral", {"code": 0.0}, steps=500),
 }
 TARGET: dict[str, ModelSpec] = {
-    # fewer layers and mostly wrong answers: it has seen every task and answer format and has
-    # partly learned each rule, but its habit outweighs the rule everywhere, which SFT on the
-    # sources' best answers can correct
-    "target-llama3": ModelSpec("llama3", {}, weak_error=0.7, num_layers=2, steps=1500),
+    # every rule first, then habits: 3000 steps of right answers, then 150 steps at a lower rate
+    # with 80% wrong answers, 80% of them the habit (64% habit against 20% right)
+    "target-llama3": ModelSpec(
+        "llama3", {}, weak_error=0.0, steps=3000,
+        then=ModelSpec("llama3", {}, weak_error=0.8, habit=0.8, steps=150, learning_rate=5e-4, seed=1),
+    ),
 }
 # --scale test: one model, few steps, for the build check in the test suite
 # (code: its answers are the quickest for a tiny model to learn)
@@ -123,18 +132,22 @@ def train_model(name: str, spec: ModelSpec, out_dir: Path, exclude: set[str]) ->
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.generation_config = model.generation_config.from_pretrained(base)
 
-        rng = random.Random(f"{name}-{spec.seed}")
-        data = _examples(spec, tok, spec.steps * spec.batch_size, exclude, rng)
         collator = DataCollatorForSeq2Seq(_padding(tok), padding=True, label_pad_token_id=-100)
-        args = TrainingArguments(
-            output_dir=str(Path(tmp) / "trainer"), max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
-            learning_rate=spec.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, spec.steps // 20),
-            weight_decay=0.01, seed=spec.seed, data_seed=spec.seed, use_cpu=True, bf16=False,
-            logging_steps=max(1, spec.steps // 10), save_strategy="no", report_to=[], dataloader_num_workers=0,
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
-        result = trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        losses, phase = [], spec
+        while phase is not None:  # the spec, then its `then` phases, on the same weights
+            rng = random.Random(f"{name}-{phase.seed}")
+            data = _examples(phase, tok, phase.steps * phase.batch_size, exclude, rng)
+            args = TrainingArguments(
+                output_dir=str(Path(tmp) / "trainer"), max_steps=phase.steps,
+                per_device_train_batch_size=phase.batch_size, learning_rate=phase.learning_rate,
+                lr_scheduler_type="cosine", warmup_steps=max(1, phase.steps // 20), weight_decay=0.01,
+                seed=phase.seed, data_seed=phase.seed, use_cpu=True, bf16=False,
+                logging_steps=max(1, phase.steps // 10), save_strategy="no", report_to=[], dataloader_num_workers=0,
+            )
+            trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
+            result = trainer.train()
+            losses += [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            phase = phase.then
 
         final = out_dir / name
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
