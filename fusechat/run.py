@@ -60,6 +60,32 @@ def stable_hash(*parts: Any, n: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
+# Files up to this size are hashed whole; larger ones (the shards of a 70B model) by 64 chunks of
+# 1 MiB spread over the file, head and tail included: reading 140 GB on every plan would take
+# minutes, and retraining or merging an adapter changes tensors all over the file.
+WHOLE_FILE_BYTES = 256 << 20
+CHUNKS, CHUNK_BYTES = 64, 1 << 20
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """`local-<hash>` of a local model folder's contents: what keys its work in place of a hub
+    commit. A model retrained in place gets a new one although its file sizes are the same; a copy
+    of the folder elsewhere keeps it. Files in the folder itself only: a trained model's
+    `checkpoints/` and `cache/` are not the model."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= WHOLE_FILE_BYTES:
+                digest.update(f.read())
+                continue
+            for i in range(CHUNKS):
+                f.seek((size - CHUNK_BYTES) * i // (CHUNKS - 1))
+                digest.update(f.read(CHUNK_BYTES))
+    return "local-" + digest.hexdigest()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

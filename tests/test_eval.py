@@ -424,10 +424,12 @@ def test_rerun_regenerates_nothing(evaluated):
     assert first.extra["computed_shards"]["src-llama"] > 0
     after = pq.read_table(recipe.run_path() / "eval" / "generations.parquet")
     assert after.select(["model", "prompt_id", "text", "reward"]).equals(before.select(["model", "prompt_id", "text", "reward"]))
-    # a retrained SFT target (same file sizes, new files) is generated again; nothing else is
+    # a retrained SFT target (same file sizes, other weights) is generated again; nothing else is
     sft = recipe.run_path() / "models" / "eval-e2e" / "sft"
     weights = next(sft.glob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes())
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the last weight's last bit
+    weights.write_bytes(bytes(data))
     third = run_eval(recipe)
     assert {m: n > 0 for m, n in third.extra["computed_shards"].items()} == {m: m == "target-sft" for m in MODELS}
     assert third.models["target-sft"] != again.models["target-sft"]

@@ -181,3 +181,50 @@ def test_prune_removes_what_the_recipe_no_longer_uses(run):
     again = run_score(run.recipe())
     assert again.extra["reward"]["rows_computed"] == again.extra["checks"]["rows_computed"] == 0
     assert run.table("responses") == responses and run.table("scores") == scores
+
+
+def test_a_model_retrained_in_place_is_new_work_and_a_copy_is_not(tmp_path, monkeypatch):
+    """Local models are keyed by their contents: a retrained model has the same file sizes (the
+    demo's trainers rewrite their folders in place), a copied one the same bytes."""
+    import shutil
+
+    from fusechat import run as fusechat_run
+    from fusechat.run import folder_fingerprint
+    from fusechat.sampling.shards import model_revision
+    from fusechat.scoring.reward import resolve_model
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(DEMO / "models" / "llama3-math", a)
+    shutil.copytree(a, b)
+    first = folder_fingerprint(a)
+    assert first.startswith("local-") and folder_fingerprint(b) == first
+    (a / "checkpoints").mkdir()  # a trainer's checkpoints are not the model
+    (a / "checkpoints" / "optimizer.pt").write_bytes(b"state")
+    assert folder_fingerprint(a) == first
+
+    def flip(path: Path, offset: int) -> None:
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 1
+        path.write_bytes(bytes(data))
+
+    weights = a / "model.safetensors"
+    size = weights.stat().st_size
+    flip(weights, size - 1)  # the last weight's last byte: same size, another model
+    assert weights.stat().st_size == size and folder_fingerprint(a) not in (first, folder_fingerprint(b))
+
+    # every stage that keys work by a local model uses it: sampling (and eval), the reward model
+    r = Run(tmp_path)
+    r.data["sources"][0]["model"] = str(a)
+    r.data["scoring"]["reward_model"]["model"] = str(a)
+    recipe = r.recipe()
+    assert model_revision(recipe, recipe.sources[0]) == folder_fingerprint(a) == resolve_model(recipe)[1]
+
+    # files above the whole-file limit are read in chunks spread over the file, head and tail included
+    monkeypatch.setattr(fusechat_run, "WHOLE_FILE_BYTES", 4096)
+    monkeypatch.setattr(fusechat_run, "CHUNK_BYTES", 64)
+    chunked = folder_fingerprint(b)
+    for offset in (0, (size - 64) * 32 // 63, size - 1):  # the first, a middle and the last chunk
+        flip(b / "model.safetensors", offset)
+        assert folder_fingerprint(b) != chunked, offset
+        flip(b / "model.safetensors", offset)
+    assert folder_fingerprint(b) == chunked

@@ -23,7 +23,7 @@ from typing import Any
 from fusechat.errors import IncompleteError
 from fusechat.eval.sets import Item, load_sets
 from fusechat.recipe import Recipe, RecipeError, Sampling, Source
-from fusechat.run import Manifest, stable_hash, stage_dir, write_table
+from fusechat.run import Manifest, folder_fingerprint, stable_hash, stage_dir, write_table
 from fusechat.tables import DOMAINS, EVAL_GENERATIONS, EVAL_RESULTS, EVAL_REWARDS, PROMPTS, read
 from fusechat.scoring.checks import Checkers
 from fusechat.scoring.reward import recipe_scorer, resolve_model
@@ -46,18 +46,6 @@ def eval_sampling(recipe: Recipe) -> Sampling:
                     max_tokens=recipe.eval.max_tokens)
 
 
-def trained_revision(folder: Path) -> str:
-    """A fingerprint of a trained model folder that changes when training writes it again.
-
-    The sampling stage tells local folders apart by file names and sizes, but a retrained target has
-    the same sizes as before; modification times tell the runs apart without reading the weights.
-    Engines ignore `revision` for local folders, so it only keys the generation shards.
-    """
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return "local-" + stable_hash([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
-                                  n=12)
-
-
 def eval_models(recipe: Recipe) -> list[Source]:
     """The models to evaluate, as sources of the derived recipe (row order of the table)."""
     sampling, every = eval_sampling(recipe), {d: 1 for d in DOMAINS}
@@ -73,7 +61,7 @@ def eval_models(recipe: Recipe) -> list[Source]:
     for stage in TRAINED:
         folder = recipe.run_path() / "models" / recipe.name / stage  # read only: no stage_dir, which creates it
         if (folder / "config.json").exists():
-            models.append(as_source(f"target-{stage}", str(folder), trained_revision(folder)))
+            models.append(as_source(f"target-{stage}", str(folder), folder_fingerprint(folder)))
     names = [m.name for m in models]
     for name in set(names):
         if names.count(name) > 1:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusechat.recipe import Recipe, Source, is_local_path
-from fusechat.run import set_aside, stable_hash, stage_dir
+from fusechat.run import folder_fingerprint, set_aside, stable_hash, stage_dir
 from fusechat.tables import DOMAINS, PROMPTS, RESPONSE_SHARD, RESPONSES, read, readable
 
 if TYPE_CHECKING:
@@ -48,20 +48,13 @@ class Shard:
 
 
 def model_revision(recipe: Recipe, source: Source) -> str:
-    """What exactly the source model is: the pinned revision, or a fingerprint of a local folder.
-
-    A local folder has no commit; its config plus the names and sizes of its files tell versions
-    apart without reading gigabytes of weights.
-    """
+    """What exactly the source model is: the pinned revision, or a fingerprint of a local folder's
+    contents (`fusechat.run.folder_fingerprint`)."""
     if source.revision:
         return source.revision
     path = Path(recipe.resolve(source.model))
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        cfg = path / "config.json"
-        parts = [cfg.read_text() if cfg.exists() else ""]
-        parts += [(str(p.relative_to(path)), p.stat().st_size) for p in files]
-        return "local-" + stable_hash(*parts, n=12)
+        return folder_fingerprint(path)
     if source.engine == "openai":
         return f"served:{source.model}"
     if not is_local_path(source.model):

@@ -327,14 +327,12 @@ def resolve_model(recipe: Recipe) -> tuple[str, str]:
     """(local folder, revision) of the recipe's reward model; a local folder's revision is a content hash."""
     from pathlib import Path
 
-    from fusechat.run import stable_hash
+    from fusechat.run import folder_fingerprint
 
     rm = recipe.scoring.reward_model
     ref = recipe.resolve(rm.model)
     if Path(ref).is_dir():
-        files = sorted((f.name, f.stat().st_size) for f in Path(ref).iterdir() if f.suffix == ".safetensors")
-        config = (Path(ref) / "config.json").read_text() if (Path(ref) / "config.json").exists() else ""
-        return ref, rm.revision or f"local-{stable_hash(config, files)}"
+        return ref, rm.revision or folder_fingerprint(Path(ref))
     from huggingface_hub import snapshot_download
 
     local = snapshot_download(ref, revision=rm.revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
