@@ -20,9 +20,9 @@ So:
    steps, 66% / 56%; 8000 steps on twice the sampled prompts (the defaults), 69% / 55%;
 2. preferences come from the sources themselves: fresh prompts, disjoint from the demo's prompt
    files, are sampled by every source of `recipes/demo.yaml` with its own settings through the
-   recipe's sample and score stages (`--work`, reused when complete); each response is right or
-   wrong by the world's checkers (`fusechat.audit`'s truth); pairs are a right response (or the
-   world's reference) against a wrong one to the same prompt;
+   recipe's sample and score stages (`--work`, reused for the same prompt count and seed); each
+   response is right or wrong by the world's checkers (`fusechat.audit`'s truth); pairs are a right
+   response (or the world's reference) against a wrong one to the same prompt;
 3. the rest of every batch is fresh near misses (`world.near_miss_response`, the kinds of mistakes
    read off those responses) against the reference answer, on fresh prompts;
 4. Bradley-Terry loss -log sigmoid(score(chosen) - score(rejected)), every parameter except the
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("data/demo/models/reward"))
     ap.add_argument("--work", type=Path, default=Path("runs/demo-reward-data"),
-                    help="folder for the sampled preference data (reused when complete)")
+                    help="folder for the sampled preference data (reused for the same prompt count and seed)")
     ap.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe whose sources answer")
     ap.add_argument("--init", type=Path, default=INIT, help="chat model whose backbone the reward model starts from")
     ap.add_argument("--prompts-per-domain", type=int, default=400)
