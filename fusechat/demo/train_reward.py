@@ -379,7 +379,8 @@ def train_reward(out: Path, *, work: Path, recipe_path: Path = RECIPE, init: Pat
 
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+        # warm-up over 5% of the steps, but at least two: OneCycleLR divides by the phase's length
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 2 / steps))
         rng = random.Random(f"batches-{seed}")
         n_sampled = round(batch * sampled_share)
         t0, losses = time.time(), []
@@ -437,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     # one thread: on cores shared with other work, two OpenMP threads stall each other
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
+    if a.steps < 4:
+        ap.error(f"--steps {a.steps}: at least 4 (a warm-up and a decay phase)")
     import torch
 
     torch.set_num_threads(a.threads)
