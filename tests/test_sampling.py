@@ -4,6 +4,7 @@ kill -9, engine crashes, models that fail to load, the transformers fallback."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -172,8 +173,12 @@ def test_engine_crash_and_kill_9_then_resume(sampled, tiny_models, tmp_path):
     assert done_at_crash <= partial < total
     assert not list(shards.glob("*/.*.tmp"))  # no half-written shard is ever left under a real name
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    scratch = tmp_path / "tmpdir"  # the rerun's TMPDIR: the worker leaves nothing behind in it
+    scratch.mkdir()
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                           env={**os.environ, "TMPDIR": str(scratch)})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert not list(scratch.iterdir())
     assert len(list(shards.glob("*/*.parquet"))) == total
     resumed = pq.read_table(tmp_path / "run" / "responses" / "responses.parquet").to_pylist()
     uninterrupted = [r for r in _responses(full) if r["source"] == "llama"]

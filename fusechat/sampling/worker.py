@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -143,6 +145,10 @@ def run(job: dict) -> int:
 
 def main() -> None:
     parent = _die_with_parent()
+    # vLLM leaves a file per engine start in TMPDIR (its torch.distributed rendezvous, even for one
+    # process); a folder of this worker's own, removed when it ends, keeps /tmp clean.
+    scratch = tempfile.mkdtemp(prefix="fusechat-worker-")
+    os.environ["TMPDIR"] = tempfile.tempdir = scratch
     job = json.loads(Path(sys.argv[1]).read_text())
     try:
         code = run(job)
@@ -155,6 +161,7 @@ def main() -> None:
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    shutil.rmtree(scratch, ignore_errors=True)
     if os.getppid() != parent:
         _kill_own_group()
     # Engine shutdown hooks can hang or print tracebacks at interpreter exit; the work is on disk.
