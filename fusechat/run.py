@@ -86,6 +86,14 @@ def folder_fingerprint(folder: Path) -> str:
     return "local-" + digest.hexdigest()
 
 
+def model_identity(spec: str, revision: str) -> str:
+    """What keys the work done with a model: a local folder's fingerprint alone, so the same folder
+    spelled another way (relative or absolute, a recipe moved elsewhere) or copied keeps its finished
+    shards; otherwise the model's name with its revision (a hub commit names weights only together
+    with its repository)."""
+    return revision if revision.startswith("local-") else f"{spec}@{revision}"
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -183,6 +183,26 @@ def test_prune_removes_what_the_recipe_no_longer_uses(run):
     assert run.table("responses") == responses and run.table("scores") == scores
 
 
+def test_copied_models_keep_the_finished_work(run, tmp_path):
+    """The recipe pointed at copies of its models (another folder, the same bytes), as after moving
+    models or a recipe: sampling and reward scoring compute nothing and give the same tables."""
+    import copy
+    import shutil
+
+    responses, scores, saved = run.table("responses"), run.table("scores"), copy.deepcopy(run.data)
+    for block in (*run.data["sources"], run.data["scoring"]["reward_model"]):
+        moved = tmp_path / Path(block["model"]).name
+        shutil.copytree(block["model"], moved)
+        block["model"] = str(moved)
+    try:
+        assert sum(_counts(run_sample(run.recipe())).values()) == 0
+        again = run_score(run.recipe())
+        assert again.extra["reward"]["rows_computed"] == again.extra["checks"]["rows_computed"] == 0
+        assert run.table("responses") == responses and run.table("scores") == scores
+    finally:
+        run.data = saved
+
+
 def test_a_model_retrained_in_place_is_new_work_and_a_copy_is_not(tmp_path, monkeypatch):
     """Local models are keyed by their contents: a retrained model has the same file sizes (the
     demo's trainers rewrite their folders in place), a copied one the same bytes."""

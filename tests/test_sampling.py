@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from fusechat.recipe import load_recipe
 from fusechat.sampling.shards import read_shard, shard_path
@@ -115,6 +116,18 @@ def test_rerun_computes_nothing(sampled):
     assert time.time() - t0 < min(first_seconds / 4, 20)
     assert {f: f.stat().st_mtime_ns for f in shard_files} == before
     assert _responses(recipe) == rows and again.rows_out == manifest.rows_out
+    # The same model folders spelled relative to the recipe, as a recipe moved elsewhere would name
+    # them: a local folder is keyed by its contents, so nothing is sampled again.
+    folder = Path(recipe.base_dir)
+    data = yaml.safe_load((folder / "recipe.yaml").read_text())
+    for source in data["sources"]:
+        source["model"] = os.path.relpath(source["model"], folder)
+        assert not Path(source["model"]).is_absolute()
+    (folder / "relative.yaml").write_text(yaml.safe_dump(data))
+    moved = run_sample(load_recipe(folder / "relative.yaml"))
+    assert sorted((recipe.run_path() / "responses" / "shards").rglob("*.parquet")) == shard_files
+    assert {f: f.stat().st_mtime_ns for f in shard_files} == before
+    assert _responses(recipe) == rows and moved.extra["rows_computed"] == 0
 
 
 def _worker_children(proc: psutil.Process) -> list[psutil.Process]:

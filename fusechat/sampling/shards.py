@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusechat.recipe import Recipe, Source, is_local_path
-from fusechat.run import folder_fingerprint, set_aside, stable_hash, stage_dir
+from fusechat.run import folder_fingerprint, model_identity, set_aside, stable_hash, stage_dir
 from fusechat.tables import DOMAINS, PROMPTS, RESPONSE_SHARD, RESPONSES, read, readable
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def model_revision(recipe: Recipe, source: Source) -> str:
 
 def settings(source: Source, revision: str) -> dict[str, Any]:
     return {
-        "source": source.name, "model": source.model, "revision": revision,
+        "source": source.name, "model": model_identity(source.model, revision),
         "engine": source.engine, "sampling": source.sampling.model_dump(mode="json"),
     }
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusechat.errors import InputError
-from fusechat.run import Manifest, set_aside, stable_hash, stage_dir, write_table
+from fusechat.run import Manifest, model_identity, set_aside, stable_hash, stage_dir, write_table
 from fusechat.tables import CHECK_SHARD, PROMPTS, RESPONSES, REWARD_SHARD, RIGHT, SCORES, read, readable
 from fusechat.scoring.checks import PRELUDE_KEY, Checkers
 from fusechat.scoring.reward import recipe_scorer, resolve_model
@@ -310,7 +310,7 @@ class Plan:
 def settings_dirs(recipe: Recipe, revision: str, shards_dir: Path) -> tuple[Path, Path]:
     """The folders of the reward scores and check results of the recipe's settings."""
     rm, s = recipe.scoring.reward_model, recipe.scoring
-    reward_settings = [rm.model, revision, rm.kind, rm.max_length, rm.overlong, rm.dtype]
+    reward_settings = [model_identity(rm.model, revision), rm.kind, rm.max_length, rm.overlong, rm.dtype]
     check_settings = [s.math.model_dump(), s.code.model_dump()]
     return (shards_dir / f"reward-{stable_hash(reward_settings)}",
             shards_dir / f"checks-{stable_hash(check_settings)}")
